@@ -1,0 +1,46 @@
+"""Train a student by distillation from a YAML recipe.
+
+    python launch/train.py --config launch/configs/tiny.yaml [section.key=value ...]
+    deepspeed --num_gpus 4 launch/train.py --config RECIPE [--resume auto]
+    torchrun --nproc_per_node 4 launch/train.py --config RECIPE
+    mpirun -np 4 python launch/train.py --config RECIPE
+
+A bad recipe, override or data file stops with exit code 2 and one line naming it.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pocl_ds.cli import ArgumentParser, run_main  # noqa: E402
+from pocl_ds.config import load_config  # noqa: E402
+
+
+def main() -> int:
+    parser = ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="YAML recipe (launch/configs/*.yaml)")
+    parser.add_argument(
+        "--resume",
+        default="none",
+        help="auto: continue from the latest complete checkpoint; none; or a checkpoint tag",
+    )
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args()
+    config = load_config(args.config, args.overrides)  # before torch loads: fails in a blink
+
+    from pocl_ds import distributed, telemetry
+    from pocl_ds.trainer import train
+
+    info = distributed.init_distributed()
+    telemetry.setup_logging(info.rank)
+    train(config, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

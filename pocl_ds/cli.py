@@ -1,0 +1,73 @@
+"""What every launcher shares: argument errors as user errors, and a ``main`` that cannot hang.
+
+Kept free of torch imports so a bad recipe or flag is reported in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+from pocl_ds.errors import PoclError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a ``PoclError`` (one line, exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise PoclError(f"command line: {message}")
+
+
+def _distributed_world() -> tuple[int, int]:
+    if "torch" not in sys.modules:
+        return 0, 1
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a launcher's ``main`` so that any failure ends the whole job promptly.
+
+    A user error (``PoclError``) prints one line and exits 2; anything else prints its
+    traceback and exits 1. ``os._exit`` skips interpreter teardown on purpose: tearing down a
+    process group (or MPI) whose peer has died blocks, and the launcher only kills the other
+    ranks once this one has gone.
+    """
+    code = 0
+    try:
+        code = main() or 0
+    except PoclError as err:
+        sys.stderr.write(f"error: {err}\n")
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else (0 if err.code is None else 2)
+    except BaseException:  # any crash must end the job, not hang it
+        sys.stderr.write(f"[rank {_distributed_world()[0]}] " + traceback.format_exc())
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rank, world = _distributed_world()
+    if code == 0 and world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        # mpirun counts an exit without MPI_Finalize as a failure, so a clean run finalizes;
+        # a failed one aborts instead, which also stops the ranks blocked in a collective.
+        if code == 0:
+            MPI.Finalize()
+        else:
+            MPI.COMM_WORLD.Abort(code)
+    logging.shutdown()
+    os._exit(code)

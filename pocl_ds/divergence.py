@@ -1,0 +1,774 @@
+"""The six KD divergences of SPEC.md as a chunked, fused, Triton-free kernel.
+
+Per valid token, with p = softmax(teacher / τ) and q = softmax(student / τ) over the vocabulary:
+
+    loss = τ² · Σ_{t: m_t=1} D(p_t, q_t) / num_valid_tokens      (τ² switchable)
+
+Naive KD code materialises several fp32 [tokens × vocab] tensors per loss; with a 50k–150k
+vocabulary that is what runs out of memory first. Here the tokens are processed in chunks of
+`chunk_size` rows: for each chunk the logits are formed (from hidden states and lm_head weights
+in `fused_linear_distill_loss`), the divergence and its gradient with respect to the student
+logits are computed in closed form, and the gradient is pushed through the head right away
+(`grad_hidden = G·W`, `grad_weight += Gᵀ·h`, the latter accumulated in fp32). The backward only
+rescales these saved gradients, so no [tokens × vocab] tensor lives past its chunk, and the
+forward+backward costs the four N×H×V matmuls plus a few elementwise passes.
+
+Gradients with respect to the student's scaled logits s = z/τ (u, c are per-token helpers,
+m = β·p + (1−β)·q and m' = (1−β)·p + β·q):
+
+    fkl   D = Σ p(log p − log q)                       ∂D/∂s = q − p
+    rkl   D = Σ q(log q − log p)                       ∂D/∂s = q(u − Σ q·u),  u = log q − log p
+    tvd   D = ½ Σ |p − q|                              ∂D/∂s = q(g − Σ q·g),  g = ½·sign(q − p)
+    jsd   D = β·KL(p‖m) + (1−β)·KL(q‖m)                ∂D/∂s = (1−β)·q(u − Σ q·u), u = log q − log m
+    skl   D = KL(p‖m)                                  ∂D/∂s = q·Σr − r,  r = (1−β)·p·q/m
+    srkl  D = KL(q‖m')                                 ∂D/∂s = q(u − Σ q·u), u = log(q/m') − β·q/m'
+
+and ∂loss/∂z = (τ² or 1)/τ · ∂D/∂s / num_valid_tokens. log m is formed with `logaddexp` of the
+two log-probabilities, so tokens both models find unlikely stay finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pocl_ds.errors import PoclError
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
+DEFAULT_BETA = {"jsd": 0.5, "skl": 0.1, "srkl": 0.1}
+
+# Rows of logits per chunk. Two fp32 chunk buffers (student, teacher) live at a time: at
+# V = 50257 that is 2 × 206 MB for 1024 rows. Measured on 2 CPU cores (N = 4096, H = 768):
+# 1024 keeps the matmuls at full speed; smaller chunks re-read the head weights more often.
+DEFAULT_CHUNK_SIZE = 1024
+
+# Elementwise work runs on row blocks of about this many elements so the handful of passes
+# over a block hit the CPU cache instead of memory (on accelerators a block is the chunk).
+_CPU_BLOCK_ELEMENTS = 1 << 19
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class _Divergence:
+    """A validated (kind, β) pair. `kind` is "zero" where the divergence vanishes identically."""
+
+    kind: str
+    beta: float
+
+
+def resolve_divergence(kind: str, beta: float | None = None) -> _Divergence:
+    """Validate `kind` and `beta` and apply SPEC's defaults and β endpoints.
+
+    β is used by jsd, skl and srkl (default `DEFAULT_BETA[kind]`); the other kinds accept and
+    ignore it. Endpoints: jsd at β ∈ {0, 1} is 0; skl at β = 0 is fkl and at β = 1 is 0; srkl
+    at β = 0 is rkl and at β = 1 is 0.
+    """
+    if kind not in KINDS:
+        raise PoclError(f"kind={kind!r} is not a divergence; set `kind` to one of {KINDS}")
+    if beta is None:
+        beta = DEFAULT_BETA.get(kind, 0.0)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise PoclError(f"beta={beta!r} must be a number in [0, 1]; fix `beta`")
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise PoclError(f"beta={beta} is outside [0, 1]; set `beta` in [0, 1] (default 0.5/0.1)")
+    if kind == "jsd" and beta in (0.0, 1.0):
+        return _Divergence("zero", beta)
+    if kind in ("skl", "srkl") and beta == 1.0:
+        return _Divergence("zero", beta)
+    if kind in ("skl", "srkl") and beta == 0.0:
+        return _Divergence("fkl" if kind == "skl" else "rkl", beta)
+    return _Divergence(kind, beta)
+
+
+def _check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise PoclError(f"temperature={temperature!r} must be a positive number; fix `temperature`")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise PoclError(f"temperature={temperature} must be finite and > 0; fix `temperature`")
+    return float(temperature)
+
+
+def _check_chunk_size(chunk_size: int) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise PoclError(f"chunk_size={chunk_size!r} must be a positive int; fix `chunk_size`")
+    return chunk_size
+
+
+def _divisor(num_valid_tokens: float | Tensor | None, local_count: int) -> float | Tensor:
+    """The token count the summed divergence is divided by, clamped at 1.
+
+    A float is allowed: a trainer whose engine averages over ranks and micro-batches passes
+    global_tokens / (world × accumulation).
+    """
+    if num_valid_tokens is None:
+        return float(max(local_count, 1))
+    if isinstance(num_valid_tokens, Tensor):
+        if num_valid_tokens.numel() != 1:
+            raise PoclError("num_valid_tokens must be a scalar; pass the global valid-token count")
+        return num_valid_tokens.detach().reshape(()).to(torch.float32).clamp_min(1.0)
+    if isinstance(num_valid_tokens, bool) or not isinstance(num_valid_tokens, (int, float)):
+        raise PoclError(f"num_valid_tokens={num_valid_tokens!r} must be a number or a 0-d tensor")
+    if not (math.isfinite(num_valid_tokens) and num_valid_tokens >= 0):
+        raise PoclError(f"num_valid_tokens={num_valid_tokens} must be finite and >= 0")
+    return float(max(num_valid_tokens, 1))
+
+
+def _flat_rows(x: Tensor, name: str) -> Tensor:
+    """[B, T, D] or [N, D] -> [N, D]."""
+    if x.dim() < 2:
+        raise PoclError(f"`{name}` has shape {tuple(x.shape)}; expected [B, T, D] or [N, D]")
+    return x.reshape(-1, x.shape[-1])
+
+
+def _valid_index(response_mask: Tensor, num_rows: int) -> Tensor:
+    mask = response_mask.reshape(-1)
+    if mask.numel() != num_rows:
+        raise PoclError(
+            f"`response_mask` has {mask.numel()} positions but the inputs have {num_rows} tokens; "
+            "pass a mask of the inputs' leading shape"
+        )
+    return mask.nonzero().reshape(-1)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """fp32 for every model dtype; fp64 stays fp64 (gradcheck)."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def _block_rows(vocab: int, device: torch.device, chunk_rows: int) -> int:
+    if device.type != "cpu":
+        return max(chunk_rows, 1)
+    return max(1, min(chunk_rows, _CPU_BLOCK_ELEMENTS // max(vocab, 1)))
+
+
+class _Workspace:
+    """Scratch [block_rows × V] buffers reused by every block of one kernel call."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows = rows
+        self._buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(3)]
+
+    def get(self, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        student_exp, teacher_exp, scratch = (buf[:rows] for buf in self._buffers)
+        return student_exp, teacher_exp, scratch
+
+
+def _shifted_exp_(logits: Tensor, exp_out: Tensor) -> tuple[Tensor, Tensor]:
+    """logits <- logits − rowmax; exp_out <- exp(logits). Returns (Z, log Z), each [rows, 1].
+
+    Then log-softmax = logits − log Z and softmax = exp_out / Z: the 1/Z is kept as a row
+    factor rather than applied, which saves a pass over [rows × V] wherever it can be folded.
+    """
+    logits.sub_(logits.amax(dim=1, keepdim=True))
+    torch.exp(logits, out=exp_out)
+    total = exp_out.sum(dim=1, keepdim=True)
+    return total, total.log()
+
+
+def _row_dot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
+    """Σ_v a·b per row, as [rows, 1]."""
+    return torch.mul(a, b, out=scratch).sum(dim=1, keepdim=True)
+
+
+def _block_divergence_(
+    s: Tensor,
+    q_exp: Tensor,
+    q_total: Tensor,
+    log_q_total: Tensor,
+    t: Tensor,
+    div: _Divergence,
+    p_exp: Tensor,
+    scratch: Tensor,
+) -> tuple[Tensor, Tensor | float]:
+    """Σ over the block's rows of D, and ∂D/∂s, in place.
+
+    s: [rows, V] student logits after `_shifted_exp_` (q = q_exp / q_total); t: [rows, V]
+    teacher scaled logits. On return s holds G' with ∂D/∂s = factor · G' (factor: [rows, 1] or
+    a number); t, p_exp and scratch are clobbered (q_exp too for tvd/srkl).
+    """
+    rows = s.shape[0]
+    p_total, log_p_total = _shifted_exp_(t, p_exp)
+    if div.kind == "fkl":
+        # log p − log q = (t − s) + (log Z_q − log Z_p); Σ_v p = 1.
+        p = p_exp.div_(p_total)
+        total = torch.dot(p.reshape(-1), t.sub_(s).reshape(-1)) + (log_q_total - log_p_total).sum()
+        torch.addcmul(p, q_exp, q_total.reciprocal(), value=-1.0, out=s)  # p − q
+        return total, -1.0
+    if div.kind == "rkl":
+        u = s.sub_(t)  # log q − log p − (log Z_p − log Z_q)
+        c = _row_dot(q_exp, u, scratch).div_(q_total)
+        total = (c + log_p_total - log_q_total).sum()
+        u.sub_(c).mul_(q_exp)
+        return total, q_total.reciprocal()
+    if div.kind == "tvd":
+        d = p_exp.div_(p_total).addcmul_(q_exp, q_total.reciprocal(), value=-1.0)  # p − q
+        total = 0.5 * torch.linalg.vector_norm(d.reshape(-1), ord=1)
+        d.sign_()
+        # g = ½·sign(q − p) = −½·d, so q(g − Σ q·g) = ½·q(Σ q·d − d).
+        c = _row_dot(q_exp, d, scratch).div_(q_total)
+        torch.sub(c, d, out=s).mul_(q_exp)
+        return total, 0.5 * q_total.reciprocal()
+    beta = div.beta
+    log_beta, log_1m_beta = math.log(beta), math.log1p(-beta)
+    if div.kind == "srkl":
+        # m' = (1−β)·p + β·q
+        a = t.sub_(log_p_total - log_1m_beta)  # log((1−β)·p)
+        b = s.sub_(log_q_total - log_beta)  # log(β·q)
+        v = b.sub_(torch.logaddexp(a, b, out=scratch))  # log(β·q/m')
+        w = torch.exp(v, out=t)  # β·q/m'
+        q = q_exp.div_(q_total)
+        total = torch.dot(q.reshape(-1), v.reshape(-1)) - log_beta * rows
+        y = v.sub_(w)  # u + log β
+        y.sub_(_row_dot(q, y, scratch)).mul_(q)
+        return total, 1.0
+    # jsd and skl: m = β·p + (1−β)·q
+    a = t.sub_(log_p_total - log_beta)  # log(β·p)
+    b = s.sub_(log_q_total - log_1m_beta)  # log((1−β)·q)
+    log_mix = torch.logaddexp(a, b, out=scratch)
+    p = p_exp.div_(p_total)
+    a.sub_(log_mix)  # log p − log m + log β
+    kl_p = torch.dot(p.reshape(-1), a.reshape(-1)) - log_beta * rows  # Σ KL(p‖m)
+    if div.kind == "skl":
+        # β·r = exp(a + b) with r = (1−β)·p·q/m; ∂D/∂s = q·Σr − r = −(β·r − q·Σ β·r)/β
+        beta_r = a.add_(b).exp_()
+        c = beta_r.sum(dim=1, keepdim=True).div_(q_total)
+        torch.addcmul(beta_r, q_exp, c, value=-1.0, out=s)
+        return kl_p, -1.0 / beta
+    u = b.sub_(log_mix)  # log q − log m + log(1−β)
+    c = _row_dot(q_exp, u, a).div_(q_total)
+    total = beta * kl_p + (1.0 - beta) * (c.sum() - log_1m_beta * rows)
+    u.sub_(c).mul_(q_exp)
+    return total, (1.0 - beta) * q_total.reciprocal()
+
+
+def _block_cross_entropy_(
+    s: Tensor,
+    q_exp: Tensor,
+    q_total: Tensor,
+    log_q_total: Tensor,
+    labels: Tensor,
+    temperature: float,
+    work: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """CE at temperature 1 of one block, from s after `_shifted_exp_` (left unchanged).
+
+    Writes G' into `work` with ∂CE/∂z = factor · G' (softmax(z) − onehot(label)); rows whose
+    label is IGNORE_INDEX get 0 loss and factor 0. Returns (Σ CE, factor [rows, 1]).
+    """
+    keep = labels != IGNORE_INDEX
+    safe = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(1)
+    if temperature == 1.0:
+        work.copy_(q_exp)
+        total, log_total = q_total, log_q_total
+    else:
+        # z − max z = τ·(s − max s) since τ > 0
+        torch.mul(s, temperature, out=work)
+        work.exp_()
+        total = work.sum(dim=1, keepdim=True)
+        log_total = total.log()
+    picked = s.gather(1, safe) * temperature
+    ce = ((log_total - picked).squeeze(1) * keep).sum()
+    work.scatter_add_(1, safe, -total)
+    return ce, keep.unsqueeze(1) / total
+
+
+def _chunk_divergence_(
+    s: Tensor,
+    t: Tensor | None,
+    div: _Divergence,
+    temperature: float,
+    workspace: _Workspace,
+    kd_factor: Tensor,
+    labels: Tensor | None = None,
+    ce_grad: Tensor | None = None,
+    ce_factor: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run the block kernel over a chunk's rows; returns (Σ D, Σ CE) of the chunk.
+
+    s, t: [rows, V] student/teacher scaled logits. On return ∂D/∂s = kd_factor · s (G' in s,
+    kd_factor: [rows, 1]); with `labels` the CE sum is formed too and its ∂CE/∂z is
+    ce_factor · ce_grad (CE only needs the student, so the "zero" kind skips the teacher).
+    """
+    kd_total = s.new_zeros(())
+    ce_total = s.new_zeros(())
+    if div.kind == "zero" and labels is None:
+        return kd_total, ce_total
+    for start in range(0, s.shape[0], workspace.rows):
+        block = slice(start, min(start + workspace.rows, s.shape[0]))
+        q_exp, p_exp, scratch = workspace.get(block.stop - block.start)
+        s_block = s[block]
+        q_total, log_q_total = _shifted_exp_(s_block, q_exp)
+        if labels is not None:
+            ce_work = ce_grad[block] if ce_grad is not None else scratch
+            ce, factor = _block_cross_entropy_(
+                s_block, q_exp, q_total, log_q_total, labels[block], temperature, ce_work
+            )
+            ce_total += ce
+            if ce_factor is not None:
+                ce_factor[block] = factor
+        if div.kind == "zero":
+            continue
+        kd, factor = _block_divergence_(
+            s_block, q_exp, q_total, log_q_total, t[block], div, p_exp, scratch
+        )
+        kd_total += kd
+        kd_factor[block] = factor
+    return kd_total, ce_total
+
+
+def _kd_grad_scale(temperature: float, scale_by_temperature_squared: bool) -> float:
+    """∂(loss·N)/∂z = this · ∂D/∂s: (τ² or 1) from the loss, 1/τ from s = z/τ."""
+    return temperature if scale_by_temperature_squared else 1.0 / temperature
+
+
+def _scaled_logits_(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, tau: float):
+    """out <- (hidden·Wᵀ + bias)/τ in `out`'s dtype, with the matmul in the inputs' dtype."""
+    inv_tau = 1.0 / tau
+    if hidden.dtype == out.dtype:
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=out)
+            if tau != 1.0:
+                out.mul_(inv_tau)
+        else:
+            torch.addmm(bias, hidden, weight.t(), beta=inv_tau, alpha=inv_tau, out=out)
+        return
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    out.copy_(logits)
+    if tau != 1.0:
+        out.mul_(inv_tau)
+
+
+@dataclass
+class _HeadGrads:
+    """Gradients of one loss term (KD or CE) times the divisor, filled chunk by chunk."""
+
+    hidden: Tensor  # [N, H] compute dtype
+    weight: Tensor  # [V_s, H] fp32 (fp64 for fp64 inputs)
+    bias: Tensor | None  # [V_s]
+
+    def add_chunk(
+        self, rows: slice, grad: Tensor, factor: Tensor, hidden: Tensor, weight: Tensor
+    ) -> None:
+        """Add a chunk whose ∂/∂logits is factor · grad.
+
+        grad: [c, V'] G'; factor: [c, 1] row factors (scale folded in); hidden: [c, H] the
+        chunk's hidden states; weight: [V', H] the head rows in use.
+        """
+        vocab = grad.shape[1]
+        out = self.hidden[rows]
+        if grad.dtype == weight.dtype:
+            torch.mm(grad, weight, out=out)
+            self.weight[:vocab].addmm_(grad.t(), hidden * factor.to(hidden.dtype))
+        else:
+            low = grad.to(weight.dtype)
+            out.copy_(low @ weight)
+            self.weight[:vocab].add_(low.t() @ (hidden * factor.to(hidden.dtype)))
+        out.mul_(factor)
+        if self.bias is not None:
+            self.bias[:vocab].addmv_(grad.t().to(self.bias.dtype), factor.reshape(-1))
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    """Forward computes both losses and all student gradients; backward only rescales them."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        student_bias: Tensor | None,
+        teacher_hidden: Tensor | None,
+        teacher_weight: Tensor | None,
+        teacher_bias: Tensor | None,
+        labels: Tensor | None,
+        div: _Divergence,
+        temperature: float,
+        scale_by_temperature_squared: bool,
+        divisor: float | Tensor,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        num_rows = student_hidden.shape[0]
+        # No teacher (SFT through the same chunked path): the student's own width.
+        vocab = student_weight.shape[0]
+        if teacher_weight is not None:
+            vocab = min(vocab, teacher_weight.shape[0])
+        device = student_hidden.device
+        dtype = _compute_dtype(student_hidden, student_weight)
+        need_grad = any(ctx.needs_input_grad[:3])
+        with_ce = labels is not None
+        ws = student_weight[:vocab]
+        bs = student_bias[:vocab] if student_bias is not None else None
+        bt = teacher_bias[:vocab] if teacher_bias is not None else None
+
+        def new_grads() -> _HeadGrads:
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            return _HeadGrads(
+                hidden=torch.empty(num_rows, student_hidden.shape[1], dtype=dtype, device=device),
+                weight=torch.zeros(student_weight.shape, dtype=acc, device=device),
+                bias=None
+                if student_bias is None
+                else torch.zeros(student_bias.shape, dtype=acc, device=device),
+            )
+
+        kd_grads = new_grads() if need_grad and div.kind != "zero" else None
+        ce_grads = new_grads() if need_grad and with_ce else None
+        rows = min(chunk_size, max(num_rows, 1))
+        student_buf = torch.empty(rows, vocab, dtype=dtype, device=device)
+        teacher_buf = (
+            torch.empty(rows, vocab, dtype=dtype, device=device) if div.kind != "zero" else None
+        )
+        ce_buf = torch.empty(rows, vocab, dtype=dtype, device=device) if ce_grads else None
+        kd_factor = torch.empty(rows, 1, dtype=dtype, device=device)
+        ce_factor = torch.empty(rows, 1, dtype=dtype, device=device)
+        workspace = _Workspace(_block_rows(vocab, device, rows), vocab, dtype, device)
+        kd_scale = _kd_grad_scale(temperature, scale_by_temperature_squared)
+        kd_sum = torch.zeros((), dtype=dtype, device=device)
+        ce_sum = torch.zeros((), dtype=dtype, device=device)
+        # With no CE and an identically-zero divergence there is nothing to compute.
+        stop = num_rows if with_ce or div.kind != "zero" else 0
+        for start in range(0, stop, chunk_size):
+            chunk = slice(start, min(start + chunk_size, num_rows))
+            count = chunk.stop - chunk.start
+            h_s, s = student_hidden[chunk], student_buf[:count]
+            _scaled_logits_(s, h_s, ws, bs, temperature)
+            t = None
+            if teacher_buf is not None:
+                t = teacher_buf[:count]
+                _scaled_logits_(t, teacher_hidden[chunk], teacher_weight[:vocab], bt, temperature)
+            ce_grad = ce_buf[:count] if ce_buf is not None else None
+            kd, ce = _chunk_divergence_(
+                s,
+                t,
+                div,
+                temperature,
+                workspace,
+                kd_factor[:count],
+                labels[chunk] if with_ce else None,
+                ce_grad,
+                ce_factor[:count],
+            )
+            kd_sum += kd
+            ce_sum += ce
+            if kd_grads is not None:
+                kd_grads.add_chunk(chunk, s, kd_factor[:count].mul_(kd_scale), h_s, ws)
+            if ce_grads is not None:
+                ce_grads.add_chunk(chunk, ce_grad, ce_factor[:count], h_s, ws)
+
+        loss_scale = temperature**2 if scale_by_temperature_squared else 1.0
+        kd_loss = (kd_sum * loss_scale / divisor).to(
+            torch.float32 if dtype != torch.float64 else dtype
+        )
+        ce_loss = (ce_sum / divisor).to(kd_loss.dtype)
+        ctx.kd_grads, ctx.ce_grads, ctx.divisor = kd_grads, ce_grads, divisor
+        ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
+        ctx.bias_dtype = student_bias.dtype if student_bias is not None else None
+        ctx.bias_shape = student_bias.shape if student_bias is not None else None
+        ctx.shapes = (student_hidden.shape, student_weight.shape)
+        ctx.device = device
+        if not with_ce:
+            ctx.mark_non_differentiable(ce_loss)
+        return kd_loss, ce_loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kd: Tensor | None, grad_ce: Tensor | None):
+        hidden_dtype, weight_dtype = ctx.dtypes
+        terms = [
+            (grads, g)
+            for grads, g in ((ctx.kd_grads, grad_kd), (ctx.ce_grads, grad_ce))
+            if grads is not None and g is not None
+        ]
+        grad_hidden = grad_weight = grad_bias = None
+        for grads, g in terms:
+            factor = (g / ctx.divisor).to(grads.weight.dtype)
+            if grad_hidden is None:
+                grad_hidden = grads.hidden.mul_(factor.to(grads.hidden.dtype))
+                grad_weight = grads.weight.mul_(factor)
+                grad_bias = grads.bias.mul_(factor) if grads.bias is not None else None
+            else:
+                grad_hidden.addcmul_(grads.hidden, factor.to(grads.hidden.dtype))
+                grad_weight.addcmul_(grads.weight, factor)
+                if grad_bias is not None:
+                    grad_bias.addcmul_(grads.bias, factor)
+        ctx.kd_grads = ctx.ce_grads = None
+        if grad_hidden is None:  # the KD term vanishes identically and there is no CE
+            hidden_shape, weight_shape = ctx.shapes
+            grad_hidden = torch.zeros(hidden_shape, dtype=hidden_dtype, device=ctx.device)
+            grad_weight = torch.zeros(weight_shape, dtype=weight_dtype, device=ctx.device)
+            if ctx.bias_shape is not None:
+                grad_bias = torch.zeros(ctx.bias_shape, dtype=ctx.bias_dtype, device=ctx.device)
+        grad_bias = grad_bias.to(ctx.bias_dtype) if grad_bias is not None else None
+        return (
+            grad_hidden.to(hidden_dtype),
+            grad_weight.to(weight_dtype),
+            grad_bias,
+            *([None] * 9),
+        )
+
+
+class _DistillLogits(torch.autograd.Function):
+    """`distill_loss` on given logits: the gradient w.r.t. the student logits is formed in the
+    forward, one chunk of valid rows at a time, and only rescaled in the backward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        valid_index: Tensor,
+        div: _Divergence,
+        temperature: float,
+        scale_by_temperature_squared: bool,
+        divisor: float | Tensor,
+        chunk_size: int,
+    ) -> Tensor:
+        vocab = min(student_logits.shape[1], teacher_logits.shape[1])
+        device = student_logits.device
+        dtype = _compute_dtype(student_logits, teacher_logits)
+        num_valid = valid_index.numel()
+        need_grad = ctx.needs_input_grad[0] and div.kind != "zero"
+        grad_logits = torch.zeros_like(student_logits) if need_grad else None
+        rows = min(chunk_size, max(num_valid, 1))
+        student_buf = torch.empty(rows, vocab, dtype=dtype, device=device)
+        teacher_buf = torch.empty(rows, vocab, dtype=dtype, device=device)
+        workspace = _Workspace(_block_rows(vocab, device, rows), vocab, dtype, device)
+        kd_factor = torch.empty(rows, 1, dtype=dtype, device=device)
+        kd_sum = torch.zeros((), dtype=dtype, device=device)
+        stop = num_valid if div.kind != "zero" else 0
+        for start in range(0, stop, chunk_size):
+            index = valid_index[start : start + chunk_size]
+            s, t = student_buf[: index.numel()], teacher_buf[: index.numel()]
+            for buf, logits in ((s, student_logits), (t, teacher_logits)):
+                if logits.dtype == dtype and logits.shape[1] == vocab:
+                    torch.index_select(logits, 0, index, out=buf)
+                else:
+                    buf.copy_(logits[index, :vocab])
+                if temperature != 1.0:
+                    buf.mul_(1.0 / temperature)
+            factor = kd_factor[: index.numel()]
+            kd, _ = _chunk_divergence_(s, t, div, temperature, workspace, factor)
+            kd_sum += kd
+            if grad_logits is not None:
+                grad_logits[:, :vocab].index_copy_(0, index, s.mul_(factor).to(grad_logits.dtype))
+        loss_scale = temperature**2 if scale_by_temperature_squared else 1.0
+        out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        ctx.grad_logits = grad_logits
+        ctx.grad_scale = _kd_grad_scale(temperature, scale_by_temperature_squared)
+        ctx.divisor = divisor
+        ctx.meta = (student_logits.shape, student_logits.dtype, device)
+        return (kd_sum * loss_scale / divisor).to(out_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        grad_logits, ctx.grad_logits = ctx.grad_logits, None
+        if grad_logits is None:
+            shape, dtype, device = ctx.meta
+            grad_logits = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            grad_logits.mul_((grad_loss * ctx.grad_scale / ctx.divisor).to(grad_logits.dtype))
+        return grad_logits, *([None] * 7)
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    response_mask: Tensor,
+    *,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    scale_by_temperature_squared: bool = True,
+    num_valid_tokens: float | Tensor | None = None,
+) -> Tensor:
+    """τ² · Σ_{valid t} D(p_t, q_t) / num_valid_tokens from given logits (SPEC.md).
+
+    Args:
+        student_logits: [B, T, V_s] or [N, V_s], any float dtype; receives the gradient.
+        teacher_logits: [B, T, V_t] or [N, V_t]; no gradient. With V_s ≠ V_t both are
+            restricted to the shared prefix min(V_s, V_t) (padded columns get probability 0).
+        response_mask: [B, T] or [N], nonzero = the token counts; others are skipped.
+        kind: one of KINDS. beta: mixture weight for jsd/skl/srkl (DEFAULT_BETA if None).
+        temperature: τ > 0; both distributions are softmax(logits / τ).
+        chunk_size: valid rows per chunk (memory ∝ chunk_size × V); the result does not
+            depend on it.
+        scale_by_temperature_squared: multiply by τ² (SPEC default) so gradient magnitudes do
+            not shrink as τ grows.
+        num_valid_tokens: divisor; pass the global valid-token count of the whole batch
+            (micro-batches × ranks). Default: this call's count. Clamped at 1.
+
+    Returns:
+        0-d fp32 tensor (fp64 for fp64 inputs).
+    """
+    div = resolve_divergence(kind, beta)
+    temperature = _check_temperature(temperature)
+    chunk_size = _check_chunk_size(chunk_size)
+    student = _flat_rows(student_logits, "student_logits")
+    teacher = _flat_rows(teacher_logits, "teacher_logits").detach()
+    if student.shape[0] != teacher.shape[0]:
+        raise PoclError(
+            f"student_logits has {student.shape[0]} tokens, teacher_logits {teacher.shape[0]}; "
+            "both must come from the same batch"
+        )
+    valid_index = _valid_index(response_mask, student.shape[0])
+    divisor = _divisor(num_valid_tokens, valid_index.numel())
+    return _DistillLogits.apply(
+        student,
+        teacher,
+        valid_index,
+        div,
+        temperature,
+        scale_by_temperature_squared,
+        divisor,
+        chunk_size,
+    )
+
+
+def fused_linear_distill_loss(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_head_weight: Tensor | None,
+    response_mask: Tensor,
+    *,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float | None = None,
+    labels: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    scale_by_temperature_squared: bool = True,
+    num_valid_tokens: float | Tensor | None = None,
+    student_head_bias: Tensor | None = None,
+    teacher_head_bias: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`distill_loss` of the logits `hidden · weightᵀ + bias`, never holding [tokens × vocab].
+
+    The caller aligns positions: hidden state t predicts labels[t] and is counted where
+    response_mask[t] is nonzero (masked rows are dropped before any matmul).
+
+    Args:
+        student_hidden: [B, T, H_s] or [N, H_s]; receives a gradient.
+        student_head_weight: [V_s, H_s], same dtype as student_hidden; receives a gradient
+            (accumulated in fp32). Under ZeRO-3 call inside `gathered_head(...)`.
+        teacher_hidden: [B, T, H_t] or [N, H_t]; teacher_head_weight: [V_t, H_t]; no gradient.
+            Both None (SFT): only the CE is computed (labels required) and kd_loss is 0.
+        response_mask: [B, T] or [N]. kind, temperature, beta, chunk_size,
+            scale_by_temperature_squared, num_valid_tokens: as in `distill_loss`.
+        labels: [B, T] or [N] token ids (IGNORE_INDEX = -100 to skip). When given, also
+            returns the student's cross-entropy at temperature 1 from the same logits, summed
+            over the same valid tokens and divided by the same `num_valid_tokens`.
+        student_head_bias: [V_s] or None (receives a gradient); teacher_head_bias: [V_t].
+
+    Vocabulary widths may differ (padded embedding tables): both distributions, and the CE,
+    are over the shared prefix min(V_s, V_t); labels must be ids in that prefix.
+
+    Cost: the four N×H×V matmuls of logits and gradients (six with labels: the CE gradient
+    needs its own pair because the caller weighs the two terms after the forward).
+
+    Returns:
+        kd_loss (0-d fp32), or (kd_loss, ce_loss) when `labels` is given.
+    """
+    div = resolve_divergence(kind, beta)
+    temperature = _check_temperature(temperature)
+    chunk_size = _check_chunk_size(chunk_size)
+    student = _flat_rows(student_hidden, "student_hidden")
+    pairs = [("student", student, student_head_weight)]
+    if (teacher_hidden is None) != (teacher_head_weight is None):
+        raise PoclError(
+            "pass both teacher_hidden and teacher_head_weight, or neither (CE only, for SFT)"
+        )
+    teacher = None
+    if teacher_hidden is None:
+        if labels is None:
+            raise PoclError("without a teacher the loss is the CE alone; pass `labels`")
+        div = _Divergence("zero", div.beta)
+    else:
+        teacher = _flat_rows(teacher_hidden, "teacher_hidden").detach()
+        pairs.append(("teacher", teacher, teacher_head_weight))
+        if student.shape[0] != teacher.shape[0]:
+            raise PoclError(
+                f"student_hidden has {student.shape[0]} tokens, teacher_hidden "
+                f"{teacher.shape[0]}; both must come from the same batch"
+            )
+    for name, hidden, weight in pairs:
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+            raise PoclError(
+                f"{name}_head_weight has shape {tuple(weight.shape)} but {name}_hidden has "
+                f"width {hidden.shape[1]}; pass the lm_head weight [V, H] of the same model"
+            )
+        if weight.dtype != hidden.dtype:
+            raise PoclError(
+                f"{name}_hidden is {hidden.dtype} but {name}_head_weight is {weight.dtype}; "
+                "run each model's head in its own dtype"
+            )
+    valid_index = _valid_index(response_mask, student.shape[0])
+    divisor = _divisor(num_valid_tokens, valid_index.numel())
+    vocab = student_head_weight.shape[0]
+    if teacher_head_weight is not None:
+        vocab = min(vocab, teacher_head_weight.shape[0])
+    valid_labels = None
+    if labels is not None:
+        flat_labels = labels.reshape(-1)
+        if flat_labels.numel() != student.shape[0]:
+            raise PoclError(
+                f"labels has {flat_labels.numel()} positions, the hidden states "
+                f"{student.shape[0]}; pass labels aligned with the hidden states"
+            )
+        valid_labels = flat_labels.index_select(0, valid_index)
+        bad = ((valid_labels < 0) & (valid_labels != IGNORE_INDEX)) | (valid_labels >= vocab)
+        if bool(bad.any()):
+            raise PoclError(
+                f"labels hold ids outside [0, {vocab}) at response positions; the shared "
+                "vocabulary of student and teacher must contain every label (or use -100)"
+            )
+    kd_loss, ce_loss = _FusedLinearDistill.apply(
+        student.index_select(0, valid_index),
+        student_head_weight,
+        student_head_bias,
+        teacher.index_select(0, valid_index) if teacher is not None else None,
+        teacher_head_weight.detach() if teacher_head_weight is not None else None,
+        teacher_head_bias.detach() if teacher_head_bias is not None else None,
+        valid_labels,
+        div,
+        temperature,
+        scale_by_temperature_squared,
+        divisor,
+        chunk_size,
+    )
+    return (kd_loss, ce_loss) if labels is not None else kd_loss
+
+
+@contextlib.contextmanager
+def gathered_head(*params: Tensor | None) -> Iterator[None]:
+    """Make ZeRO-3-partitioned head parameters whole for the duration of the block.
+
+    Call the loss inside it, passing the parameters themselves, so that autograd delivers the
+    weight gradient to the partitioned parameter and DeepSpeed's hooks reduce-scatter it:
+
+        with gathered_head(student_head.weight, teacher_head.weight):
+            loss = fused_linear_distill_loss(h_s, student_head.weight, h_t, ...)
+        engine.backward(loss)
+
+    Parameters that are not partitioned (no `ds_id`) or None pass through untouched.
+    """
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield

@@ -1,0 +1,421 @@
+"""Evaluation: ROUGE-L and exact match of models over instruction suites and sampling seeds.
+
+SPEC (Evaluation): sample at temperature 1.0 with no top-k/top-p filtering, at most 512
+tokens in total, seeds 10/20/30/40/50; ROUGE-L F × 100 against the references (max over
+them), averaged over a suite's prompts, then the mean and standard deviation over seeds.
+Generation is shared out across ranks (``distributed_generate``) and so is scoring; every
+rank ends with the whole report, and rank 0 writes it:
+
+- ``eval.json``: settings, and per model × suite the per-seed scores, mean and std;
+- ``generations.jsonl``: one line per model, suite, seed and prompt;
+- ``table.md``: the paper's Table 1 shape, rows = models, columns = suites, then Avg.
+
+The Avg. column averages the suites within each seed first, then takes the mean and std of
+those per-seed averages, so it has the same meaning as every other cell.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pocl_ds import distributed
+from pocl_ds.errors import PoclError
+from pocl_ds.generation import distributed_generate, unwrap_model
+from pocl_ds.metrics import exact_match, rouge_l
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEEDS = (10, 20, 30, 40, 50)
+DEFAULT_MAX_TOTAL_LENGTH = 512
+DEFAULT_MAX_PROMPT_LENGTH = 256
+EVAL_JSON = "eval.json"
+GENERATIONS_JSONL = "generations.jsonl"
+TABLE_MD = "table.md"
+
+
+@dataclass(frozen=True)
+class SuiteScores:
+    """One model on one suite: per-seed means over prompts, on the ×100 scale."""
+
+    model: str
+    suite: str
+    num_prompts: int
+    rouge_l: dict[int, float]
+    exact_match: dict[int, float]
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """One generated response and its scores (ROUGE-L on the ×100 scale, exact match 0/1)."""
+
+    model: str
+    suite: str
+    seed: int
+    index: int
+    prompt: str
+    generation: str
+    references: tuple[str, ...]
+    rouge_l: float
+    exact_match: float
+
+
+@dataclass
+class EvalReport:
+    """Scores and generations of one or more models; ``settings`` describe how they were made."""
+
+    scores: list[SuiteScores] = field(default_factory=list)
+    generations: list[GenerationRecord] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def models(self) -> list[str]:
+        """Model names in evaluation order."""
+        return list(dict.fromkeys(s.model for s in self.scores))
+
+    def suites(self) -> list[str]:
+        """Suite names in first-seen order."""
+        return list(dict.fromkeys(s.suite for s in self.scores))
+
+    def get(self, model: str, suite: str) -> SuiteScores | None:
+        return next((s for s in self.scores if s.model == model and s.suite == suite), None)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (ddof = 0; 0.0 for a single value)."""
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def _prompt_bos(tokenizer: Any) -> list[int]:
+    # The same rule as data.tokenize_samples, so a model is evaluated on the prompt ids it was
+    # trained on: BOS only when the tokenizer's default encoding starts with it (LLaMA-style).
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None or bos_id == tokenizer.eos_token_id:
+        return []
+    return [bos_id] if tokenizer("a")["input_ids"][:1] == [bos_id] else []
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], *, max_prompt_length: int | None
+) -> tuple[list[list[int]], int]:
+    """Token ids of each rendered prompt, cut from the left to ``max_prompt_length``.
+
+    Cutting from the left keeps the ``### Response:`` cue the model answers after (and the
+    BOS, when there is one). Returns the ids and how many prompts were cut.
+    """
+    bos = _prompt_bos(tokenizer)
+    encoded, cut = [], 0
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if max_prompt_length is not None and len(bos) + len(ids) > max_prompt_length:
+            keep = max(1, max_prompt_length - len(bos))
+            ids = ids[len(ids) - keep :]
+            cut += 1
+        encoded.append(bos + ids)
+    return encoded, cut
+
+
+def _score_shared(
+    generations: Sequence[str], references: Sequence[Sequence[str]]
+) -> list[tuple[float, float]]:
+    """(ROUGE-L, exact match) per generation; each rank scores every world_size-th one."""
+    world, rank = distributed.world_size(), distributed.rank()
+    mine = {
+        i: (rouge_l(generations[i], references[i]), exact_match(generations[i], references[i]))
+        for i in range(rank, len(generations), world)
+    }
+    merged: dict[int, tuple[float, float]] = {}
+    for part in distributed.all_gather_objects(mine):
+        merged.update(part)
+    return [merged[i] for i in range(len(generations))]
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: Any,
+    suites: Mapping[str, Sequence[Any]],
+    *,
+    name: str = "model",
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    greedy: bool = False,
+    batch_size: int = 8,
+    max_total_length: int = DEFAULT_MAX_TOTAL_LENGTH,
+    max_prompt_length: int | None = DEFAULT_MAX_PROMPT_LENGTH,
+    synced_gpus: bool = False,
+    progress: bool = True,
+) -> EvalReport:
+    """Generate for every prompt of every suite under every seed and score it.
+
+    Args:
+        model: a Hugging Face causal LM or a DeepSpeed engine around one; call on every rank.
+        tokenizer: its tokenizer (EOS ends a response; PAD pads; ids past ``len(tokenizer)``
+            in a padded embedding table are never sampled).
+        suites: suite name -> samples with ``prompt`` (rendered text) and ``references``
+            (``InstructionSample`` from ``pocl_ds.data.load_instructions``).
+        seeds: sampling seeds; with ``greedy`` only the first is run (greedy ignores it).
+        max_total_length: prompt + response tokens at most (SPEC: 512).
+        max_prompt_length: prompts are cut from the left to this many tokens (None: never).
+        synced_gpus: keep ranks' forwards in step (a ZeRO-3 partitioned model).
+    """
+    if not seeds:
+        raise PoclError("evaluation needs at least one seed (e.g. --seeds 10 20 30 40 50)")
+    if not suites:
+        raise PoclError("evaluation needs at least one suite (e.g. --data dolly.jsonl)")
+    run_seeds = [int(seeds[0])] if greedy else [int(s) for s in seeds]
+    if greedy and len(seeds) > 1:
+        logger.info("greedy decoding is deterministic: running seed %d only", run_seeds[0])
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise PoclError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} needs EOS and PAD tokens; "
+            "load it with pocl_ds.models.load_tokenizer"
+        )
+    limit = getattr(unwrap_model(model).config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit < max_total_length:
+        logger.warning(
+            "%s: the model has %d positions, fewer than max_total_length=%d; generating up to %d",
+            name,
+            limit,
+            max_total_length,
+            limit,
+        )
+    report = EvalReport(
+        settings={
+            "seeds": run_seeds,
+            "greedy": greedy,
+            "temperature": 1.0,
+            "top_k": 0,
+            "top_p": 1.0,
+            "max_total_length": max_total_length,
+            "max_prompt_length": max_prompt_length,
+            "batch_size": batch_size,
+            "world_size": distributed.world_size(),
+            "scale": "ROUGE-L F and exact match x 100, mean over prompts per seed",
+            "std": "population (ddof=0) over seeds",
+        }
+    )
+    for suite, samples in suites.items():
+        if not samples:
+            raise PoclError(f"evaluation suite {suite!r} has no samples")
+        texts = [sample.prompt for sample in samples]
+        references = [tuple(sample.references) for sample in samples]
+        prompt_ids, cut = encode_prompts(tokenizer, texts, max_prompt_length=max_prompt_length)
+        if cut:
+            logger.info(
+                "%s: %d of %d prompts cut from the left to %s tokens",
+                suite,
+                cut,
+                len(texts),
+                max_prompt_length,
+            )
+        rouge_by_seed: dict[int, float] = {}
+        em_by_seed: dict[int, float] = {}
+        for seed in run_seeds:
+            tokens = distributed_generate(
+                model,
+                prompt_ids,
+                pad_id=tokenizer.pad_token_id,
+                eos_id=tokenizer.eos_token_id,
+                max_new_tokens=max_total_length,
+                max_total_length=max_total_length,
+                batch_size=batch_size,
+                greedy=greedy,
+                seed=seed,
+                vocab_size=len(tokenizer),
+                synced_gpus=synced_gpus,
+                progress=progress,
+                desc=f"{name} {suite} seed {seed}",
+            )
+            outputs = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+            scored = _score_shared(outputs, references)
+            rouge_by_seed[seed] = 100.0 * sum(r for r, _ in scored) / len(scored)
+            em_by_seed[seed] = 100.0 * sum(e for _, e in scored) / len(scored)
+            report.generations.extend(
+                GenerationRecord(
+                    model=name,
+                    suite=suite,
+                    seed=seed,
+                    index=getattr(sample, "index", position),
+                    prompt=text,
+                    generation=output,
+                    references=refs,
+                    rouge_l=100.0 * rouge,
+                    exact_match=em,
+                )
+                for position, (sample, text, output, refs, (rouge, em)) in enumerate(
+                    zip(samples, texts, outputs, references, scored, strict=True)
+                )
+            )
+            logger.info(
+                "%s on %s, seed %d: ROUGE-L %.2f, exact match %.2f",
+                name,
+                suite,
+                seed,
+                rouge_by_seed[seed],
+                em_by_seed[seed],
+            )
+        report.scores.append(
+            SuiteScores(
+                model=name,
+                suite=suite,
+                num_prompts=len(samples),
+                rouge_l=rouge_by_seed,
+                exact_match=em_by_seed,
+            )
+        )
+    return report
+
+
+def merge_reports(reports: Sequence[EvalReport]) -> EvalReport:
+    """One report of several models (evaluated one at a time to hold one model in memory)."""
+    merged = EvalReport()
+    for report in reports:
+        clash = set(report.models()) & set(merged.models())
+        if clash:
+            raise PoclError(f"two models are both named {sorted(clash)}: give them distinct names")
+        merged.scores.extend(report.scores)
+        merged.generations.extend(report.generations)
+        merged.settings = merged.settings or dict(report.settings)
+    return merged
+
+
+def evaluate(
+    models: Mapping[str, nn.Module],
+    suites: Mapping[str, Sequence[Any]],
+    tokenizer: Any | Mapping[str, Any],
+    *,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    greedy: bool = False,
+    batch_size: int = 8,
+    max_total_length: int = DEFAULT_MAX_TOTAL_LENGTH,
+    max_prompt_length: int | None = DEFAULT_MAX_PROMPT_LENGTH,
+    synced_gpus: bool = False,
+    progress: bool = True,
+    output_dir: str | Path | None = None,
+) -> EvalReport:
+    """Evaluate each named model (one tokenizer for all, or one per name) on every suite.
+
+    Writes ``eval.json``, ``generations.jsonl`` and ``table.md`` into ``output_dir`` (rank 0)
+    when given, and logs the table. See ``evaluate_model`` for the other arguments.
+    """
+    reports = []
+    for name, model in models.items():
+        if isinstance(tokenizer, Mapping):
+            if name not in tokenizer:
+                raise PoclError(f"no tokenizer given for model {name!r}")
+            model_tokenizer = tokenizer[name]
+        else:
+            model_tokenizer = tokenizer
+        reports.append(
+            evaluate_model(
+                model,
+                model_tokenizer,
+                suites,
+                name=name,
+                seeds=seeds,
+                greedy=greedy,
+                batch_size=batch_size,
+                max_total_length=max_total_length,
+                max_prompt_length=max_prompt_length,
+                synced_gpus=synced_gpus,
+                progress=progress,
+            )
+        )
+    report = merge_reports(reports)
+    if output_dir is not None:
+        write_report(report, output_dir)
+    if distributed.is_main_process():
+        logger.info(
+            "evaluation results (ROUGE-L x 100, mean ± std over seeds):\n%s", format_table(report)
+        )
+    return report
+
+
+def _average_over_suites(report: EvalReport, model: str, metric: str) -> dict[int, float]:
+    """Per seed, the mean over the model's suites (seeds every suite has)."""
+    per_suite = [getattr(s, metric) for s in report.scores if s.model == model]
+    seeds = set.intersection(*(set(p) for p in per_suite)) if per_suite else set()
+    return {seed: sum(p[seed] for p in per_suite) / len(per_suite) for seed in sorted(seeds)}
+
+
+def _cell(values: Mapping[int, float] | None) -> str:
+    if not values:
+        return "–"
+    mean, std = mean_std(list(values.values()))
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def format_table(report: EvalReport, *, metric: str = "rouge_l") -> str:
+    """Markdown table: a row per model, a column per suite, then Avg.; cells "mean ± std"."""
+    if metric not in ("rouge_l", "exact_match"):
+        raise PoclError(f"unknown metric {metric!r}: use rouge_l or exact_match")
+    suites = report.suites()
+    lines = [
+        "| Model | " + " | ".join([*suites, "Avg."]) + " |",
+        "|---|" + "---:|" * (len(suites) + 1),
+    ]
+    for model in report.models():
+        cells = []
+        for suite in suites:
+            scores = report.get(model, suite)
+            cells.append(_cell(getattr(scores, metric) if scores else None))
+        cells.append(_cell(_average_over_suites(report, model, metric)))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_to_json(report: EvalReport) -> dict[str, Any]:
+    """The ``eval.json`` document: settings, then model -> suite -> metric -> per-seed/mean/std."""
+
+    def summary(values: Mapping[int, float]) -> dict[str, Any]:
+        mean, std = mean_std(list(values.values()))
+        return {"per_seed": {str(k): v for k, v in values.items()}, "mean": mean, "std": std}
+
+    models: dict[str, Any] = {}
+    for model in report.models():
+        suites = {
+            s.suite: {
+                "num_prompts": s.num_prompts,
+                "rouge_l": summary(s.rouge_l),
+                "exact_match": summary(s.exact_match),
+            }
+            for s in report.scores
+            if s.model == model
+        }
+        average = {
+            metric: summary(_average_over_suites(report, model, metric))
+            for metric in ("rouge_l", "exact_match")
+        }
+        models[model] = {"suites": suites, "avg": average}
+    return {"settings": report.settings, "models": models}
+
+
+def write_report(report: EvalReport, output_dir: str | Path) -> Path:
+    """Write eval.json, generations.jsonl and table.md (rank 0 only); returns the directory."""
+    directory = Path(output_dir)
+    if distributed.is_main_process():
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / EVAL_JSON).write_text(
+            json.dumps(report_to_json(report), indent=2) + "\n", encoding="utf-8"
+        )
+        with (directory / GENERATIONS_JSONL).open("w", encoding="utf-8") as handle:
+            for record in report.generations:
+                handle.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+        (directory / TABLE_MD).write_text(
+            "ROUGE-L (×100), mean ± std over seeds\n\n"
+            + format_table(report)
+            + "\nExact match (×100), mean ± std over seeds\n\n"
+            + format_table(report, metric="exact_match"),
+            encoding="utf-8",
+        )
+        logger.info("evaluation written to %s", directory)
+    distributed.barrier()
+    return directory

@@ -1,0 +1,121 @@
+"""Generated instruction tasks whose difficulty is known by construction.
+
+The embedded default dataset: it needs no download, a tiny model learns its easy levels in
+minutes on a CPU and fails its hard ones, so a demo can show what a curriculum does and the
+difficulty measurer can be checked against the truth. Each family grows one size with the
+level (operand digits, list length, context size) while answers stay a few tokens long, so
+training and generation stay cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pocl_ds.data import render_prompt
+from pocl_ds.errors import PoclError
+
+NUM_LEVELS = 4
+
+# The size each family grows with, per level 1..NUM_LEVELS.
+_ADD_DIGITS = (1, 2, 3, 4)
+_REVERSE_LENGTHS = (2, 3, 5, 8)
+# Sorting grows both the list and its numbers: a longer sorted list alone is easier per token
+# (its elements crowd together), which would invert the per-token difficulty.
+_SORT_SIZES = ((2, 1), (3, 1), (3, 2), (4, 3))  # (list length, digits per number)
+_LOOKUP_PAIRS = (1, 2, 4, 8)
+
+_Task = tuple[str, str, str]  # instruction, input, output
+
+
+def _addition(rng: random.Random, level: int) -> _Task:
+    digits = _ADD_DIGITS[level - 1]
+    low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+    left, right = rng.randint(low, high), rng.randint(low, high)
+    return "Add the two numbers.", f"{left} + {right}", str(left + right)
+
+
+def _reverse(rng: random.Random, level: int) -> _Task:
+    letters = rng.choices(string.ascii_lowercase, k=_REVERSE_LENGTHS[level - 1])
+    return "Reverse the list.", " ".join(letters), " ".join(reversed(letters))
+
+
+def _sort(rng: random.Random, level: int) -> _Task:
+    length, digits = _SORT_SIZES[level - 1]
+    numbers = rng.choices(range(10**digits), k=length)
+    return (
+        "Sort the numbers from smallest to largest.",
+        " ".join(map(str, numbers)),
+        " ".join(map(str, sorted(numbers))),
+    )
+
+
+def _lookup(rng: random.Random, level: int) -> _Task:
+    keys = rng.sample(string.ascii_lowercase, k=_LOOKUP_PAIRS[level - 1])
+    values = rng.choices(range(10), k=len(keys))
+    asked = rng.choice(keys)
+    context = ", ".join(f"{key}={value}" for key, value in zip(keys, values, strict=True))
+    return f"What is the value of {asked}?", context, str(values[keys.index(asked)])
+
+
+FAMILIES: dict[str, Callable[[random.Random, int], _Task]] = {
+    "addition": _addition,
+    "reverse": _reverse,
+    "sort": _sort,
+    "lookup": _lookup,
+}
+
+
+def generate_tasks(
+    num_samples: int, seed: int, *, families: Sequence[str] | None = None
+) -> list[dict[str, object]]:
+    """``num_samples`` tasks in the MiniLLM layout plus ``difficulty`` (1..NUM_LEVELS).
+
+    Families and levels are balanced (sample i gets family i mod F and level (i div F)
+    mod NUM_LEVELS + 1 before a seeded shuffle); the same (num_samples, seed, families)
+    always gives the same list. Each record has ``instruction``, ``input``, ``output``,
+    ``prompt`` (the SPEC template), ``difficulty`` and ``category`` (the family).
+    """
+    chosen = list(FAMILIES) if families is None else list(families)
+    unknown = [name for name in chosen if name not in FAMILIES]
+    if unknown or not chosen:
+        raise PoclError(
+            f"synthetic families {unknown or chosen} are not known: choose from {', '.join(FAMILIES)}"
+        )
+    if num_samples < 1:
+        raise PoclError(f"synthetic num_samples={num_samples} must be at least 1")
+    rng = random.Random(seed)
+    tasks: list[dict[str, object]] = []
+    for position in range(num_samples):
+        family = chosen[position % len(chosen)]
+        level = (position // len(chosen)) % NUM_LEVELS + 1
+        instruction, input_text, output = FAMILIES[family](rng, level)
+        tasks.append(
+            {
+                "instruction": instruction,
+                "input": input_text,
+                "output": output,
+                "prompt": render_prompt(instruction, input_text),
+                "difficulty": level,
+                "category": family,
+            }
+        )
+    rng.shuffle(tasks)
+    return tasks
+
+
+def write_synthetic_tasks(
+    path: str | Path, *, num_samples: int, seed: int, families: Sequence[str] | None = None
+) -> Path:
+    """Write :func:`generate_tasks` as jsonl (one object per line, UTF-8); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (
+        json.dumps(task, ensure_ascii=False) + "\n"
+        for task in generate_tasks(num_samples, seed, families=families)
+    )
+    path.write_text("".join(lines), encoding="utf-8")
+    return path

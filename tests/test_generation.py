@@ -1,0 +1,277 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pocl_ds.errors import PoclError
+from pocl_ds.generation import (
+    _sample,
+    distributed_generate,
+    generate,
+    plan_batches,
+    prompt_seed,
+    unwrap_model,
+)
+from pocl_ds.models import load_causal_lm
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 96
+PAD, EOS = 0, 1
+torch.set_num_threads(1)
+
+
+def tiny_model(family: str = "gpt2", max_positions: int = 64):
+    # A wide init spreads the logits, so greedy argmax has no near-ties that float noise from
+    # padding or batch shape could flip.
+    return load_causal_lm(
+        inline_config={
+            "family": family,
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 2,
+            "max_positions": max_positions,
+            "initializer_range": 0.3,
+        },
+        vocab_size=VOCAB,
+        seed=0,
+    )
+
+
+def tiny_prompts(count: int = 9, seed: int = 1) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 13, (count,), generator=generator).tolist()
+    return [torch.randint(2, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """Token by token, whole prefix each step, no cache, no padding, no batching."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_greedy_equals_naive_no_cache_loop(family):
+    model = tiny_model(family)
+    prompts = tiny_prompts()
+    outputs = generate(
+        model, prompts, pad_id=PAD, eos_id=None, max_new_tokens=8, batch_size=4, progress=False
+    )
+    assert outputs == [naive_greedy(model, p, 8) for p in prompts]
+
+
+def test_left_padding_does_not_change_a_prompts_output():
+    model = tiny_model()
+    short, long = [5, 17, 33], list(range(2, 14))
+    alone = generate(model, [short], pad_id=PAD, eos_id=None, max_new_tokens=10, progress=False)
+    padded = generate(
+        model, [long, short], pad_id=PAD, eos_id=None, max_new_tokens=10, progress=False
+    )
+    assert padded[1] == alone[0]
+
+
+def test_kv_cache_and_full_recompute_agree_when_sampling():
+    model = tiny_model("llama")
+    prompts = tiny_prompts()
+    kwargs = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=8, greedy=False, seed=3, progress=False)
+    cached = generate(model, prompts, batch_size=4, **kwargs)
+    recomputed = generate(model, prompts, batch_size=4, use_cache=False, **kwargs)
+    assert cached == recomputed
+
+
+def test_stops_at_eos_per_row():
+    model = tiny_model()
+    prompts = tiny_prompts()
+    free = generate(
+        model, prompts, pad_id=PAD, eos_id=None, max_new_tokens=8, batch_size=4, progress=False
+    )
+    eos = free[0][2]  # a token row 0 produces at step 3
+    stopped = generate(
+        model, prompts, pad_id=PAD, eos_id=eos, max_new_tokens=8, batch_size=4, progress=False
+    )
+    for full, cut in zip(free, stopped, strict=True):
+        expected = full[: full.index(eos)] if eos in full else full
+        assert cut == expected
+    assert len(stopped[0]) <= 2
+    # Several stop ids (LLaMA-3 style): the first one met ends the row.
+    both = generate(
+        model, prompts, pad_id=PAD, eos_id=[eos, free[1][0]], max_new_tokens=8, progress=False
+    )
+    assert both[1] == []
+
+
+def test_max_new_tokens_and_max_total_length():
+    model = tiny_model()
+    prompts = [[3] * 2, [4] * 7, [5] * 12, [6] * 20]
+    outputs = generate(
+        model,
+        prompts,
+        pad_id=PAD,
+        eos_id=None,
+        max_new_tokens=6,
+        max_total_length=12,
+        batch_size=4,
+        progress=False,
+    )
+    assert [len(o) for o in outputs] == [6, 5, 0, 0]
+    # The model's 64 positions cap prompt + output as well.
+    capped = generate(model, [[7] * 60], pad_id=PAD, eos_id=None, max_new_tokens=20, progress=False)
+    assert len(capped[0]) == 4
+    # A row that stops early must not walk past the position table while its batch goes on.
+    mixed = generate(
+        model, [[7] * 60, [8] * 2], pad_id=PAD, eos_id=None, max_new_tokens=60, progress=False
+    )
+    assert [len(o) for o in mixed] == [4, 60]
+
+
+def test_prompt_errors_are_user_errors():
+    model = tiny_model()
+    with pytest.raises(PoclError, match="more than the model's 64 positions"):
+        generate(model, [[3] * 65], pad_id=PAD, eos_id=EOS, max_new_tokens=2, progress=False)
+    with pytest.raises(PoclError, match="empty"):
+        generate(model, [[]], pad_id=PAD, eos_id=EOS, max_new_tokens=2, progress=False)
+    with pytest.raises(PoclError, match="batch_size"):
+        generate(model, [[3]], pad_id=PAD, eos_id=EOS, max_new_tokens=2, batch_size=0)
+
+
+def test_sampling_is_seeded_per_prompt_not_per_batch():
+    model = tiny_model()
+    prompts = tiny_prompts()
+    kwargs = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=10, greedy=False, progress=False)
+    by_three = generate(model, prompts, batch_size=3, seed=10, **kwargs)
+    one_by_one = generate(model, prompts, batch_size=1, seed=10, **kwargs)
+    assert by_three == one_by_one == generate(model, prompts, batch_size=3, seed=10, **kwargs)
+    assert generate(model, prompts, batch_size=3, seed=20, **kwargs) != by_three
+    greedy = generate(model, prompts, pad_id=PAD, eos_id=EOS, max_new_tokens=10, progress=False)
+    assert greedy != by_three
+
+
+def test_sampler_follows_softmax():
+    logits = torch.tensor([0.0, 1.0, 2.0, -float("inf")]).repeat(6000, 1)
+    generators = [torch.Generator().manual_seed(prompt_seed(0, i)) for i in range(6000)]
+    active = torch.ones(6000, dtype=torch.bool)
+    tokens = _sample(logits, active, generators, temperature=1.0)
+    frequencies = torch.bincount(tokens, minlength=4).double() / 6000
+    assert frequencies[3] == 0
+    assert torch.allclose(frequencies, torch.softmax(logits[0].double(), -1), atol=0.025)
+    generators = [torch.Generator().manual_seed(prompt_seed(0, i)) for i in range(6000)]
+    hot = torch.bincount(_sample(logits, active, generators, temperature=4.0), minlength=4)
+    assert hot[0] > 2 * torch.bincount(tokens, minlength=4)[0]
+
+
+def test_vocab_size_keeps_padded_rows_out():
+    model = tiny_model()
+    outputs = generate(
+        model,
+        tiny_prompts(),
+        pad_id=PAD,
+        eos_id=None,
+        max_new_tokens=12,
+        greedy=False,
+        vocab_size=10,
+        progress=False,
+    )
+    assert all(0 <= t < 10 for row in outputs for t in row)
+
+
+def test_plan_batches_sorts_longest_first():
+    assert plan_batches([3, 7, 7, 1, 5], 2) == [[1, 2], [4, 0], [3]]
+
+
+def test_wrapped_model_and_training_mode():
+    class LossWrapper(torch.nn.Module):  # the trainer's objective keeps the LM as .model
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    class Engine(torch.nn.Module):  # a DeepSpeed engine keeps its module as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = tiny_model()
+    engine = Engine(LossWrapper(model))
+    assert unwrap_model(engine) is model
+    model.train()
+    prompts = tiny_prompts(3)
+    kwargs = dict(pad_id=PAD, eos_id=None, max_new_tokens=4, progress=False)
+    assert generate(engine, prompts, **kwargs) == [
+        naive_greedy(model.eval(), p, 4) for p in prompts
+    ]
+    model.train()
+    generate(engine, prompts, **kwargs)
+    assert model.training
+    with pytest.raises(PoclError, match="cannot generate"):
+        unwrap_model(torch.nn.Linear(2, 2))
+
+
+def test_distributed_generate_single_rank_equals_generate():
+    model = tiny_model()
+    prompts = tiny_prompts()
+    kwargs = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=6, batch_size=2, greedy=False, seed=5)
+    assert distributed_generate(model, prompts, progress=False, **kwargs) == generate(
+        model, prompts, progress=False, **kwargs
+    )
+
+
+DIST_PROMPTS = 11  # 6 batches of 2: uneven across ranks, and rows stop at EOS at different steps
+
+
+def _dist_runs(model, synced: bool) -> dict[str, list[list[int]]]:
+    prompts = tiny_prompts(DIST_PROMPTS)
+    common = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=10, batch_size=2, progress=False)
+    return {
+        "greedy": distributed_generate(model, prompts, synced_gpus=synced, **common),
+        "sampled": distributed_generate(
+            model, prompts, greedy=False, seed=10, synced_gpus=synced, **common
+        ),
+    }
+
+
+def _worker(out_dir: str) -> None:
+    import deepspeed
+
+    from pocl_ds.distributed import init_distributed
+
+    info = init_distributed()
+    results = {"plain": _dist_runs(tiny_model(), synced=False)}
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    engine, *_ = deepspeed.initialize(model=tiny_model(), config=ds_config)
+    engine.eval()
+    # Parameters are partitioned: each forward gathers them collectively, so both ranks must
+    # run the same number of forwards although their batches stop at different steps.
+    assert engine.module.transformer.wte.weight.numel() == 0
+    results["zero3"] = _dist_runs(engine, synced=True)
+    Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(results))
+
+
+@pytest.mark.slow
+def test_two_ranks_give_exactly_the_one_rank_result(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         __file__, str(tmp_path)],
+        env=env, cwd=REPO, timeout=300, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = _dist_runs(tiny_model(), synced=False)
+    assert len({tuple(map(tuple, rows)) for rows in expected.values()}) == 2
+    for rank in (0, 1):
+        ranked = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert ranked["plain"] == expected
+        assert ranked["zero3"] == expected
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

@@ -1,0 +1,327 @@
+"""Tests for pocl_ds.telemetry: logging by rank, progress bars, metrics.jsonl, plots, ρ."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import random
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pocl_ds.errors import PoclError
+from pocl_ds.telemetry import (
+    MetricsWriter,
+    get_logger,
+    plot_curriculum_timeline,
+    plot_difficulty,
+    plot_method_scores,
+    progress,
+    read_metrics,
+    run_summary,
+    setup_logging,
+    spearman,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    package = logging.getLogger("pocl_ds")
+    handlers, level = list(root.handlers), package.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    package.setLevel(level)
+
+
+def assert_png(path: Path, min_width: int = 300, min_height: int = 200) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= min_width and height >= min_height
+    assert len(data) > 5_000  # an empty canvas compresses to far less than drawn axes
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def test_rank_zero_logs_info_with_time(capsys, restore_logging):
+    setup_logging(rank=0)
+    get_logger("launch_script").info("hello %d", 7)
+    err = capsys.readouterr().err
+    assert "INFO pocl_ds.launch_script: hello 7" in err
+    assert err[:4].isdigit() and err[10] == " "  # starts with the date
+
+
+def test_other_ranks_log_only_warnings_tagged(capsys, restore_logging):
+    setup_logging(rank=1, level="DEBUG")
+    log = get_logger("pocl_ds.trainer")
+    log.info("not shown")
+    log.warning("shown")
+    err = capsys.readouterr().err
+    assert "not shown" not in err
+    assert "[rank 1] WARNING pocl_ds.trainer: shown" in err
+
+
+def test_setup_twice_keeps_one_handler(capsys, restore_logging):
+    setup_logging(rank=0)
+    setup_logging(rank=0)
+    get_logger("x").info("once")
+    assert capsys.readouterr().err.count("once") == 1
+
+
+def test_unknown_level_is_a_user_error(restore_logging):
+    with pytest.raises(PoclError, match="VERBOSE"):
+        setup_logging(rank=0, level="VERBOSE")
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_progress_on_rank_zero_shows_bar(capsys):
+    assert list(progress(range(5), desc="scoring", unit="sample", rank=0)) == [0, 1, 2, 3, 4]
+    err = capsys.readouterr().err
+    assert "scoring" in err and "100%" in err and "5/5" in err
+
+
+def test_progress_silent_on_rank_one(capsys):
+    assert list(progress(range(5), desc="scoring", rank=1)) == [0, 1, 2, 3, 4]
+    with progress(total=3, desc="manual", rank=1) as bar:
+        bar.update(3)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics_written_flushed_and_read(tmp_path):
+    import torch
+
+    with MetricsWriter(tmp_path / "run", tensorboard=False) as writer:
+        writer.log({"step": 1, "loss": torch.tensor(2.5), "stage": 0})
+        writer.log({"step": 2, "loss": 2.0, "stage": 0})
+        # readable before close: every line is flushed as written
+        assert read_metrics(tmp_path / "run") == [
+            {"step": 1, "loss": 2.5, "stage": 0},
+            {"step": 2, "loss": 2.0, "stage": 0},
+        ]
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_truncate_after_drops_later_steps_and_appends_after(tmp_path):
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        writer.log({"step": step, "loss": 1.0 / step})
+    writer.log({"step": 5, "val_rouge_l": 0.3})
+    assert writer.truncate_after(3) == 3
+    writer.log({"step": 4, "loss": 0.1})
+    writer.close()
+    assert [r["step"] for r in read_metrics(writer.path)] == [1, 2, 3, 4]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_torn_last_line_is_dropped_then_appended_after(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 1.0}]
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        writer.log({"step": 2, "loss": 0.5})
+    assert read_metrics(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+
+
+def test_corrupt_middle_line_names_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(PoclError, match=r"metrics\.jsonl:2"):
+        read_metrics(path)
+    with pytest.raises(PoclError, match="no metrics file"):
+        read_metrics(tmp_path / "missing")
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    writer = MetricsWriter(tmp_path / "rank1", enabled=False)
+    writer.log({"step": 1, "loss": 1.0})
+    assert writer.truncate_after(0) == 0
+    writer.close()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_writer_enabled_by_default_in_a_world_of_one(tmp_path):
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        writer.log({"step": 1})
+    assert writer.enabled and writer.path.is_file()
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed")
+def test_tensorboard_events_written(tmp_path):
+    with MetricsWriter(tmp_path) as writer:
+        writer.log({"step": 1, "loss": 1.5, "note": "text is skipped", "use_pocl": True})
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_and_draws_under_two_ranks(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            import torch.distributed as dist
+            from pocl_ds.telemetry import MetricsWriter, progress
+
+            dist.init_process_group("gloo")
+            out = sys.argv[1]
+            with MetricsWriter(f"{out}/rank{dist.get_rank()}", tensorboard=False) as writer:
+                for step in progress(range(3), desc=f"bar-of-rank{dist.get_rank()}"):
+                    writer.log({"step": step})
+            dist.destroy_process_group()
+            """
+        )
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*torchrun, str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(read_metrics(tmp_path / "rank0")) == 3
+    assert not (tmp_path / "rank1").exists()
+    assert "bar-of-rank0" in result.stderr and "bar-of-rank1" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- spearman
+
+
+def test_spearman_matches_hand_computed_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties: ranks x = (1, 2.5, 2.5, 4), y = (1, 3, 2, 4) -> cov 4.5, var 4.5 and 5
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / math.sqrt(10))
+    # no ties: 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 194 / 990
+    iq = [106, 86, 100, 101, 99, 103, 97, 113, 112, 110]
+    tv = [7, 0, 27, 50, 28, 29, 20, 12, 6, 17]
+    assert spearman(iq, tv) == pytest.approx(1 - 6 * 194 / 990)
+
+
+def test_spearman_undefined_and_bad_input():
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(spearman([1], [2]))
+    with pytest.raises(ValueError, match="equal lengths"):
+        spearman([1, 2], [1, 2, 3])
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def synthetic_run() -> tuple[list[dict], list[dict]]:
+    stages = [
+        {
+            "stage": i,
+            "temperature": 1 + i / 3,
+            "sft_weight": 0.3 - 0.1 * i,
+            "num_samples": 25 * (i + 1),
+        }
+        for i in range(4)
+    ]
+    metrics: list[dict] = []
+    step = 0
+    for stage in range(4):
+        for epoch in range(2):
+            for _ in range(5 + 3 * stage):
+                step += 1
+                loss = 3.0 / math.sqrt(step) + 0.1 * stage
+                metrics.append(
+                    {
+                        "stage": stage,
+                        "epoch": epoch,
+                        "step": step,
+                        "loss": loss,
+                        "kd": loss * 0.8,
+                        "ce": loss * 0.2,
+                        "temperature": stages[stage]["temperature"],
+                        "sft_weight": stages[stage]["sft_weight"],
+                        "lr": 1e-4,
+                        "tokens_per_s": 900.0,
+                        "samples_seen": step * 4,
+                    }
+                )
+            metrics.append(
+                {"step": step, "val_loss": 2.0 / (1 + step / 20), "val_rouge_l": 0.1 + step / 400}
+            )
+    return metrics, stages
+
+
+def test_plot_curriculum_timeline_writes_png(tmp_path):
+    metrics, stages = synthetic_run()
+    path = plot_curriculum_timeline(metrics, stages, tmp_path / "plots" / "timeline.png")
+    assert path == tmp_path / "plots" / "timeline.png"
+    assert_png(path)
+
+
+def test_plot_curriculum_timeline_uses_given_stage_starts(tmp_path):
+    metrics, stages = synthetic_run()
+    explicit = [{**s, "start_step": 1 + 20 * s["stage"]} for s in stages]
+    assert_png(plot_curriculum_timeline(metrics, explicit, tmp_path / "timeline.png"))
+
+
+def test_plot_difficulty_writes_png(tmp_path):
+    rng = random.Random(0)
+    known = {index: 1 + index % 5 for index in range(60)}
+    noisy = {index: level + rng.gauss(0, 1.0) for index, level in known.items()}
+    order = sorted(noisy, key=lambda index: (noisy[index], index))
+    records = [
+        {"index": index, "score": 1 / (60 + rank), "rank": rank, "subset": (rank - 1) * 4 // 60}
+        for rank, index in enumerate(order, start=1)
+    ]
+    assert_png(plot_difficulty(records, tmp_path / "difficulty.png", known), min_width=1000)
+    assert_png(plot_difficulty(records, tmp_path / "scores_only.png"))
+
+
+def test_plot_method_scores_writes_png(tmp_path):
+    results = {
+        "SFT": [20.1, 21.0, 19.5],
+        "KD (fkl)": [23.0, 23.4, 22.8],
+        "KD+POCL": [25.1, 24.2, 25.6],
+    }
+    assert_png(plot_method_scores(results, tmp_path / "methods.png"))
+
+
+def test_run_summary_lists_everything():
+    text = run_summary(
+        wall_time_s=3723.4,
+        tokens_per_s=12345.6,
+        best_val_rouge_l=0.41234,
+        best_step=120,
+        outputs={"metrics": "/runs/a/metrics.jsonl", "best model": "/runs/a/best"},
+    )
+    assert "1:02:03" in text and "12,345.6" in text and "0.4123 (step 120)" in text
+    assert "/runs/a/metrics.jsonl" in text and "/runs/a/best" in text
+    assert len(text.splitlines()) <= 24
+    assert "n/a" in run_summary(wall_time_s=1, tokens_per_s=None, best_val_rouge_l=None, outputs={})
+
+
+def test_plots_survive_empty_inputs(tmp_path):
+    # a run that crashed before its first step still gets its pictures drawn
+    assert plot_curriculum_timeline([], [], tmp_path / "timeline.png").stat().st_size > 0
+    assert plot_difficulty([], tmp_path / "difficulty.png", {1: 1}).stat().st_size > 0
+    assert plot_method_scores({}, tmp_path / "methods.png").stat().st_size > 0
