@@ -1,7 +1,7 @@
 """Generation throughput (new tokens/s) by batch size, with and without the KV cache.
 
     python launch/bench_generation.py [--num-prompts 64] [--batch-sizes 1 8 32] [--device cuda]
-    python launch/bench.py generation ...   (the same, through the benchmark dispatcher)
+    python launch/bench.py generation [--quick] ...   (the same, through the dispatcher)
 
 A tiny randomly initialised GPT-2 continues N random prompts (lengths spread over
 [L/2, 3L/2]) by exactly ``--new-tokens`` tokens each (no EOS), sampling as evaluation does.
@@ -74,7 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the runs without KV cache")  # fmt: skip
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks"))
+    parser.add_argument("--quick", action="store_true", help="16 prompts, 8 new tokens, 1 repeat")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.num_prompts, args.new_tokens, args.repeats = 16, 8, 1
     if min(args.batch_sizes) < 1 or args.num_prompts < 1 or args.repeats < 1:
         raise PoclError("--batch-sizes, --num-prompts and --repeats must be >= 1")
     if args.prompt_length < 2 or args.new_tokens < 1:

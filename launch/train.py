@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pocl_ds.cli import ArgumentParser, run_main  # noqa: E402
-from pocl_ds.config import load_config  # noqa: E402
+from pocl_ds.cli import ArgumentParser, run_main
+from pocl_ds.config import load_config
 
 
 def main() -> int:

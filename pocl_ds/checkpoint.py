@@ -185,9 +185,7 @@ class CheckpointManager:
             skipped.append(str(self.root / tag))
         return None
 
-    def load(
-        self, engine: Any, tag: str, *, load_optimizer: bool = True
-    ) -> dict[str, Any]:
+    def load(self, engine: Any, tag: str, *, load_optimizer: bool = True) -> dict[str, Any]:
         """Restore the engine and this rank's RNG; return the trainer state."""
         directory = self.root / tag
         engine.load_checkpoint(

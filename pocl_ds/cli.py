@@ -55,7 +55,7 @@ def run_main(main: Callable[[], int | None]) -> None:
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    rank, world = _distributed_world()
+    _, world = _distributed_world()
     if code == 0 and world > 1:
         import torch.distributed as dist
 

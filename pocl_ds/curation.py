@@ -30,7 +30,7 @@ def _with_response(
     sample: TokenizedSample, response: Sequence[int], *, eos_id: int, max_length: int
 ) -> TokenizedSample:
     room = max(1, max_length - len(sample.prompt_ids))
-    ids = (list(response) + [eos_id])[:room]
+    ids = [*response, eos_id][:room]
     return replace(sample, response_ids=tuple(ids))
 
 

@@ -120,7 +120,9 @@ def baby_step_plans(
         on_policy=on_policy,
     )
     plans, seen = [], []
-    for i, (subset, (temperature, sft_weight)) in enumerate(zip(subsets, schedule), start=1):
+    for i, (subset, (temperature, sft_weight)) in enumerate(
+        zip(subsets, schedule, strict=True), start=1
+    ):
         seen.extend(subset)
         plans.append(StagePlan(i, tuple(seen), temperature, sft_weight, epochs[i - 1]))
     return plans
@@ -213,6 +215,7 @@ class CurriculumController:
         self.ended_by: str | None = None
         self.history: list[dict[str, Any]] = []
         self.write_summary()
+        self._log_stage_start()
 
     @property
     def finished(self) -> bool:
@@ -287,18 +290,22 @@ class CurriculumController:
         self.epochs_run, self.best_metric, self.epochs_since_best = 0, None, 0
         self.ended_by = None
         self.write_summary()
-        if not self.finished and distributed.is_main_process():
-            nxt = self.plans[self.stage_index]
-            logger.info(
-                "curriculum: stage %d/%d on %d samples, temperature %.4g, sft_weight %.4g, "
-                "up to %d epochs",
-                nxt.stage,
-                len(self.plans),
-                len(nxt.sample_indices),
-                nxt.temperature,
-                nxt.sft_weight,
-                nxt.epochs,
-            )
+        self._log_stage_start()
+
+    def _log_stage_start(self) -> None:
+        if self.finished or not distributed.is_main_process():
+            return
+        plan = self.plans[self.stage_index]
+        logger.info(
+            "curriculum: stage %d/%d on %d samples, temperature %.4g, sft_weight %.4g, "
+            "up to %d epochs",
+            plan.stage,
+            len(self.plans),
+            len(plan.sample_indices),
+            plan.temperature,
+            plan.sft_weight,
+            plan.epochs,
+        )
 
     def summary(self) -> dict[str, Any]:
         """The content of ``curriculum.json``: one entry per stage, planned and as run."""

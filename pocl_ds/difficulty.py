@@ -84,7 +84,7 @@ def reciprocal_rank_fusion(
     """Fused score FR_i = 1/(k + r_ce,i) + 1/(k + r_rl,i); higher = easier (paper Eq. 2)."""
     if len(rank_ce) != len(rank_rouge):
         raise ValueError(f"rank lists differ in length: {len(rank_ce)} vs {len(rank_rouge)}")
-    return [1.0 / (k + a) + 1.0 / (k + b) for a, b in zip(rank_ce, rank_rouge)]
+    return [1.0 / (k + a) + 1.0 / (k + b) for a, b in zip(rank_ce, rank_rouge, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -306,9 +306,7 @@ def write_cache(
     The sidecar records the jsonl's SHA-256, so a crash between the two writes or a later
     edit of the jsonl shows up as a mismatch and the scores are recomputed.
     """
-    body = "".join(
-        json.dumps(dataclasses.asdict(record)) + "\n" for record in result.records
-    )
+    body = "".join(json.dumps(dataclasses.asdict(record)) + "\n" for record in result.records)
     path = Path(cache_path)
     _write_atomic(path, body)
     meta = {
@@ -434,7 +432,7 @@ def score_samples(
             if step < len(mine):
                 positions = batches[mine[step]]
                 values = _cross_entropy_batch(module, [samples[p] for p in positions], pad_id)
-                local_ce.update(zip(positions, values))
+                local_ce.update(zip(positions, values, strict=True))
             elif synced_gpus:
                 _cross_entropy_batch(module, [samples[p] for p in batches[0]], pad_id)
             bar.update(min(world, len(batches) - step * world))

@@ -65,7 +65,9 @@ def build_ds_config(
     _fill(config, "gradient_accumulation_steps", gradient_accumulation_steps)
     _fill(config, "gradient_clipping", max_grad_norm)
     expected = (
-        config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size
+        config["train_micro_batch_size_per_gpu"]
+        * config["gradient_accumulation_steps"]
+        * world_size
     )
     _fill(config, "train_batch_size", expected)
     if config["train_batch_size"] != expected:

@@ -38,8 +38,11 @@ logger = logging.getLogger(__name__)
 
 
 def unwrap_model(model: nn.Module) -> PreTrainedModel:
-    """The Hugging Face model inside a DeepSpeed engine (``.module``), a DDP wrapper
-    (``.module``) or the trainer's loss wrapper (``.model``); a bare HF model unchanged."""
+    """The Hugging Face model inside wrappers; a bare Hugging Face model is returned as is.
+
+    DeepSpeed engines and DDP keep their module as ``.module``; the trainer's loss wrapper
+    keeps the language model as ``.model``.
+    """
     while not isinstance(model, PreTrainedModel):
         inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):

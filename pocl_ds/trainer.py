@@ -13,7 +13,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,13 @@ from pocl_ds import distributed, telemetry
 from pocl_ds.checkpoint import CheckpointManager, export_pretrained
 from pocl_ds.config import ExperimentConfig, save_config
 from pocl_ds.curation import CurationPolicy, seqkd_responses
-from pocl_ds.curriculum import CurriculumController, shard_indices
+from pocl_ds.curriculum import (
+    CurriculumController,
+    baby_step_plans,
+    equal_budget_epochs,
+    shard_indices,
+    single_stage_plan,
+)
 from pocl_ds.data import TokenizedSample, collate_for_training
 from pocl_ds.difficulty import measure_difficulty
 from pocl_ds.divergence import gathered_head
@@ -53,7 +59,6 @@ class Position:
     """Where the loop is; a checkpoint restores it to continue on the same trajectory."""
 
     global_step: int = 0
-    stage_index: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
     stage_step: int = 0
@@ -108,6 +113,8 @@ class Trainer:
         self.position = Position()
         self.preemption = PreemptionFlag()
         self.timings = {"difficulty": 0.0, "train": 0.0, "validation": 0.0}
+        self.difficulty = None
+        self.preempted = False
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -178,42 +185,50 @@ class Trainer:
         indices = [s.index for s in self.train_samples]
         if c.strategy == "none":
             sft = 1.0 if cfg.distill.method in ("sft", "seqkd") else cfg.distill.sft_weight
-            return CurriculumController.single_stage(
+            plans = single_stage_plan(
                 indices,
                 temperature=cfg.distill.temperature,
                 sft_weight=0.0 if on_policy else sft,
                 epochs=cfg.train.epochs,
-                output_dir=self.out,
             )
-        started = time.perf_counter()
-        result = measure_difficulty(
-            self.engine.module.model,
-            self.train_samples,
-            pad_id=self.pad_id,
-            eos_id=self.eos_id,
-            batch_size=c.difficulty_batch_size,
-            max_new_tokens=c.difficulty_max_new_tokens,
-            rank_by=c.rank_by,
-            order=c.order,
-            num_subsets=c.num_stages,
-            rrf_k=c.rrf_k,
-            seed=cfg.train.seed,
-            cache_path=self.out / "difficulty.jsonl",
-            synced_gpus=self.zero3,
-        )
-        self.timings["difficulty"] = time.perf_counter() - started
-        self.difficulty = result
+        else:
+            started = time.perf_counter()
+            self.difficulty = measure_difficulty(
+                self.engine.module.model,
+                self.train_samples,
+                tokenizer=self.tokenizer,
+                pad_id=self.pad_id,
+                eos_id=self.eos_id,
+                batch_size=c.difficulty_batch_size,
+                max_new_tokens=c.difficulty_max_new_tokens,
+                max_total_length=cfg.data.max_length,
+                rank_by=c.rank_by,
+                order=c.order,
+                num_subsets=c.num_stages,
+                seed=cfg.train.seed,
+                rrf_k=c.rrf_k,
+                cache_path=self.out / "difficulty.jsonl",
+                cache_key={"student": cfg.model.student or cfg.model.student_config},
+                synced_gpus=self.zero3,
+            )
+            self.timings["difficulty"] = time.perf_counter() - started
+            plans = baby_step_plans(
+                self.difficulty.subsets,
+                epochs_per_stage=c.epochs_per_stage
+                or equal_budget_epochs(cfg.train.epochs, c.num_stages),
+                temperature_start=c.temperature_start,
+                temperature_end=c.temperature_end,
+                sft_weight_start=c.sft_weight_start,
+                sft_weight_end=c.sft_weight_end,
+                on_policy=on_policy,
+            )
+            if cfg.distill.method in ("sft", "seqkd"):  # no teacher distributions to match
+                plans = [replace(p, sft_weight=1.0) for p in plans]
         return CurriculumController(
-            result.subsets,
-            temperature_start=c.temperature_start,
-            temperature_end=c.temperature_end,
-            sft_weight_start=c.sft_weight_start,
-            sft_weight_end=c.sft_weight_end,
-            on_policy=on_policy,
-            epochs_per_stage=c.epochs_per_stage,
-            baseline_epochs=cfg.train.epochs,
+            plans,
             patience=c.patience,
             output_dir=self.out,
+            steps_per_epoch=self._steps_per_epoch_of_size,
         )
 
     # ------------------------------------------------------------------ loop pieces
@@ -223,8 +238,8 @@ class Trainer:
             plan.sample_indices,
             rank=self.rank,
             world_size=self.world,
-            epoch=epoch + 1000 * plan.stage,
-            seed=cfg.seed,
+            epoch=epoch,
+            seed=cfg.seed + plan.stage,
         )
         samples = [self.samples_by_index[i] for i in shard]
         mb = cfg.micro_batch_size
@@ -238,8 +253,13 @@ class Trainer:
             )
         return batches[:usable]
 
+    def _steps_per_epoch_of_size(self, num_samples: int) -> int:
+        cfg = self.config.train
+        per_rank = math.ceil(num_samples / self.world)
+        return math.ceil(per_rank / cfg.micro_batch_size) // cfg.gradient_accumulation_steps
+
     def steps_per_epoch(self, plan: Any) -> int:
-        return len(self._micro_batches(plan, 0)) // self.config.train.gradient_accumulation_steps
+        return self._steps_per_epoch_of_size(len(plan.sample_indices))
 
     def _teacher_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[Any, Any]:
         if self.teacher is None:
@@ -272,7 +292,9 @@ class Trainer:
         divisor = max(global_tokens, 1.0) / (self.world * cfg.train.gradient_accumulation_steps)
         span = self._schedule_span(plan)
         lr = lr_at(
-            self.position.stage_step if cfg.curriculum.restart_schedule else self.position.global_step,
+            self.position.stage_step
+            if cfg.curriculum.restart_schedule
+            else self.position.global_step,
             span,
             peak=cfg.train.lr,
             warmup_ratio=cfg.train.warmup_ratio,
@@ -305,19 +327,19 @@ class Trainer:
             self.engine.backward(terms.loss)
             self.engine.step()
             for key in sums:
-                sums[key] += float(getattr(terms, key))
+                sums[key] += float(getattr(terms, key).detach())
             input_tokens += int(batch["attention_mask"].sum())
         totals = {k: distributed.all_reduce_sum(v) / self.world for k, v in sums.items()}
         elapsed = time.perf_counter() - started
         tokens = distributed.all_reduce_sum(input_tokens)
         return {
-            **{k: v * self.world * cfg.train.gradient_accumulation_steps for k, v in totals.items()},
+            **{
+                k: v * self.world * cfg.train.gradient_accumulation_steps for k, v in totals.items()
+            },
             "lr": lr,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "skipped": skipped,
-            "samples": int(
-                distributed.all_reduce_sum(sum(len(mb) for mb in micro_batches))
-            ),
+            "samples": int(distributed.all_reduce_sum(sum(len(mb) for mb in micro_batches))),
         }
 
     def _non_finite(self, plan: Any, samples: list[TokenizedSample]) -> None:
@@ -363,7 +385,9 @@ class Trainer:
             if b < len(batches):
                 loss_sum += float(logits_loss) * n
                 count += n
-        val_loss = distributed.all_reduce_sum(loss_sum) / max(1.0, distributed.all_reduce_sum(count))
+        val_loss = distributed.all_reduce_sum(loss_sum) / max(
+            1.0, distributed.all_reduce_sum(count)
+        )
         limit = cfg.eval.valid_rouge_samples or len(valid)
         scored = valid[:limit]
         outputs = distributed_generate(
@@ -417,7 +441,7 @@ class Trainer:
         cfg = self.config
         run_started = time.perf_counter()
         self.setup()
-        plans = self.controller.plans()
+        plans = self.controller.plans
         self.total_steps = sum(p.epochs * self.steps_per_epoch(p) for p in plans)
         self.try_resume()
         if cfg.train.max_steps is not None:
@@ -431,70 +455,74 @@ class Trainer:
             len(self.train_samples),
             self.world,
         )
-        bar = telemetry.progress(
-            total=self.total_steps, initial=self.position.global_step, desc="train", unit="step"
-        )
+        bar = telemetry.progress(total=self.total_steps, desc="train", unit="step")
+        bar.update(self.position.global_step)
         self.engine.module.train()
-        stopped_early = False
         train_started = time.perf_counter()
-        while self.position.stage_index < len(plans) and not stopped_early:
-            plan = self.controller.plan(self.position.stage_index)
+        while not self.controller.finished:
+            plan = self.controller.current_plan()
             if self.position.stage_step == 0 and cfg.curriculum.restart_schedule:
                 reset_optimizer_state(self.engine)
-            while self.position.epoch < plan.epochs:
-                micro = self._micro_batches(plan, self.position.epoch)
-                ga = cfg.train.gradient_accumulation_steps
-                steps = len(micro) // ga
-                while self.position.step_in_epoch < steps:
-                    if self.position.global_step >= self.total_steps:
-                        stopped_early = True
-                        break
-                    s = self.position.step_in_epoch
-                    result = self._train_step(plan, micro[s * ga : (s + 1) * ga])
-                    p = self.position
-                    p.global_step += 1
-                    p.step_in_epoch += 1
-                    p.stage_step += 1
-                    p.samples_seen += result["samples"]
-                    p.skipped_steps += int(result["skipped"])
-                    bar.update(1)
-                    bar.set_postfix(stage=plan.stage, loss=f"{result['loss']:.3f}")
-                    if p.global_step % cfg.train.log_every == 0 or result["skipped"]:
-                        self.metrics.write(
-                            stage=plan.stage,
-                            epoch=p.epoch + 1,
-                            step=p.global_step,
-                            loss=result["loss"],
-                            kd=result["kd"],
-                            ce=result["ce"],
-                            temperature=plan.temperature,
-                            sft_weight=plan.sft_weight,
-                            lr=result["lr"],
-                            tokens_per_s=result["tokens_per_s"],
-                            samples_seen=p.samples_seen,
-                            skipped_steps=p.skipped_steps,
-                        )
-                    if self.preemption.agreed():
-                        self.save()
-                        logger.warning("SIGTERM: checkpoint written at step %d; exiting", p.global_step)
-                        bar.close()
-                        return {"preempted": True, "step": p.global_step}
-                if stopped_early:
-                    break
-                self._end_of_epoch(plan)
-            else:
-                self.position.stage_index += 1
-                self.position.epoch = 0
-                self.position.stage_step = 0
+            if not self._run_stage(plan, bar):
+                break
         bar.close()
         self.timings["train"] = time.perf_counter() - train_started
+        if self.preempted:
+            return {"preempted": True, "step": self.position.global_step}
         return self._finish(run_started)
 
-    def _end_of_epoch(self, plan: Any) -> None:
+    def _run_stage(self, plan: Any, bar: Any) -> bool:
+        """Train the stage's remaining epochs; False when the run must stop here
+        (max_steps reached, or preemption)."""
+        cfg = self.config
+        ga = cfg.train.gradient_accumulation_steps
+        p = self.position
+        while True:
+            micro = self._micro_batches(plan, p.epoch)
+            steps = len(micro) // ga
+            while p.step_in_epoch < steps:
+                if p.global_step >= self.total_steps:
+                    return False
+                s = p.step_in_epoch
+                result = self._train_step(plan, micro[s * ga : (s + 1) * ga])
+                p.global_step += 1
+                p.step_in_epoch += 1
+                p.stage_step += 1
+                p.samples_seen += result["samples"]
+                p.skipped_steps += int(result["skipped"])
+                bar.update(1)
+                bar.set_postfix(stage=plan.stage, loss=f"{result['loss']:.3f}")
+                if p.global_step % cfg.train.log_every == 0 or result["skipped"]:
+                    self.metrics.log(
+                        {
+                            "stage": plan.stage,
+                            "epoch": p.epoch + 1,
+                            "step": p.global_step,
+                            "loss": result["loss"],
+                            "kd": result["kd"],
+                            "ce": result["ce"],
+                            "temperature": plan.temperature,
+                            "sft_weight": plan.sft_weight,
+                            "lr": result["lr"],
+                            "tokens_per_s": result["tokens_per_s"],
+                            "samples_seen": p.samples_seen,
+                            "skipped_steps": p.skipped_steps,
+                        }
+                    )
+                if self.preemption.agreed():
+                    self.save()
+                    logger.warning("SIGTERM: checkpoint written at step %d; exiting", p.global_step)
+                    self.preempted = True
+                    return False
+            if self._end_of_epoch(plan):
+                return True
+
+    def _end_of_epoch(self, plan: Any) -> bool:
+        """Validate, maybe close the stage, checkpoint; True when the stage is over."""
         cfg = self.config
         p = self.position
         scores = self.validate()
-        self.metrics.write(stage=plan.stage, epoch=p.epoch + 1, step=p.global_step, **scores)
+        self.metrics.log({"stage": plan.stage, "epoch": p.epoch + 1, "step": p.global_step, **scores})
         logger.info(
             "stage %d epoch %d: val loss %.4f, val ROUGE-L %.2f",
             plan.stage,
@@ -502,11 +530,13 @@ class Trainer:
             scores["val_loss"],
             scores["val_rouge_l"],
         )
-        advance = self.controller.report_validation(scores["val_rouge_l"])
+        stage_over = self.controller.report_validation(scores["val_rouge_l"])
         p.epoch += 1
         p.step_in_epoch = 0
-        if advance:
-            p.epoch = plan.epochs  # patience ran out: the next stage starts
+        if stage_over:
+            self.controller.finish_stage(steps=p.stage_step)
+            p.epoch = 0
+            p.stage_step = 0
         improved = p.best_metric is None or scores["val_rouge_l"] > p.best_metric
         if improved:
             p.best_metric = scores["val_rouge_l"]
@@ -514,9 +544,18 @@ class Trainer:
             tag = self.save()
             if improved:
                 self.checkpoints.mark_best(tag, scores["val_rouge_l"])
+        return stage_over
+
+    def _plot_difficulty(self) -> Path:
+        position = {index: rank for rank, index in enumerate(self.difficulty.order, start=1)}
+        records = [
+            {"index": r.index, "score": r.fused, "rank": position[r.index], "subset": r.subset}
+            for r in self.difficulty.records
+        ]
+        known = {s.index: s.difficulty for s in self.data.train_raw if s.difficulty is not None}
+        return telemetry.plot_difficulty(records, self.out / "difficulty.png", known or None)
 
     def _finish(self, run_started: float) -> dict[str, Any]:
-        cfg = self.config
         best = distributed.broadcast_object(self.checkpoints.best())
         if best is not None:
             self.checkpoints.load(self.engine, best["tag"], load_optimizer=False)
@@ -531,21 +570,27 @@ class Trainer:
         }
         if distributed.is_main_process():
             records = telemetry.read_metrics(self.out / "metrics.jsonl")
-            stages = self.controller.stage_records()
-            telemetry.plot_curriculum_timeline(records, stages, self.out / "curriculum_timeline.png")
-            if getattr(self, "difficulty", None) is not None:
-                known = {
-                    s.index: s.difficulty
-                    for s in self.data.train_raw
-                    if getattr(s, "difficulty", None) is not None
-                }
-                telemetry.plot_difficulty(
-                    self.difficulty.records, self.out / "difficulty.png", known or None
+            stages = self.controller.summary()["stages"]
+            outputs = {
+                "run": self.out,
+                "final model": final,
+                "metrics": self.out / "metrics.jsonl",
+                "timeline": telemetry.plot_curriculum_timeline(
+                    records, stages, self.out / "curriculum_timeline.png"
+                ),
+            }
+            if self.difficulty is not None:
+                outputs["difficulty"] = self._plot_difficulty()
+            rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+            summary["tokens_per_s"] = float(np.mean(rates)) if rates else None
+            logger.info(
+                telemetry.run_summary(
+                    wall_time_s=summary["wall_s"],
+                    tokens_per_s=summary["tokens_per_s"],
+                    best_val_rouge_l=summary["best_val_rouge_l"],
+                    outputs={k: str(v) for k, v in outputs.items()},
                 )
-            summary["tokens_per_s"] = float(
-                np.mean([r["tokens_per_s"] for r in records if "tokens_per_s" in r] or [0.0])
             )
-            logger.info(telemetry.run_summary(summary))
         return summary
 
 

@@ -101,11 +101,11 @@ def test_bad_override_exits_2_naming_the_field(overrides, culprit):
 
 def test_bad_recipe_files_are_named(tmp_path):
     missing = tmp_path / "missing.yaml"
-    with pytest.raises(PoclError, match="missing.yaml"):
+    with pytest.raises(PoclError, match=r"missing\.yaml"):
         load_config(missing)
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [unclosed\n")
-    with pytest.raises(PoclError, match="broken.yaml: not valid YAML"):
+    with pytest.raises(PoclError, match=r"broken\.yaml: not valid YAML"):
         load_config(broken)
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("train: 3\n")

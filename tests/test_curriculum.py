@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -199,7 +200,9 @@ def test_controller_state_round_trip(tmp_path):
     assert resumed.report_validation(0.1) == controller.report_validation(0.1)
     assert resumed.state_dict() == controller.state_dict()
 
-    other = CurriculumController(baby_step_plans([[0, 1, 2], [3, 4], [5, 6], [7]], epochs_per_stage=4))
+    other = CurriculumController(
+        baby_step_plans([[0, 1, 2], [3, 4], [5, 6], [7]], epochs_per_stage=4)
+    )
     with pytest.raises(PoclError, match="different stage plan"):
         other.load_state_dict(state)
 
@@ -228,12 +231,14 @@ def _worker(out_dir: str) -> None:
     )
     record = {"plans": [], "shards": [], "ended_by": []}
     while (plan := controller.current_plan()) is not None:
-        record["plans"].append([plan.stage, list(plan.sample_indices), plan.temperature,
-                                plan.sft_weight, plan.epochs])
+        record["plans"].append(
+            [plan.stage, list(plan.sample_indices), plan.temperature, plan.sft_weight, plan.epochs]
+        )
         for epoch in range(plan.epochs):
             record["shards"].append(
-                shard_indices(plan.sample_indices, rank=rank, world_size=world, epoch=epoch,
-                              seed=plan.stage)
+                shard_indices(
+                    plan.sample_indices, rank=rank, world_size=world, epoch=epoch, seed=plan.stage
+                )
             )
             # Rank 0's metric stops improving after one epoch (patience 1 ends the stage at
             # epoch 2); rank 1's keeps improving (it would run all 3 epochs). Rank 0 must win.
@@ -249,18 +254,33 @@ def _worker(out_dir: str) -> None:
 @pytest.mark.slow
 def test_two_ranks_share_rank0_plan_and_disjoint_shards(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--standalone", __file__, str(tmp_path)],
-        check=True, env=env, cwd=REPO, timeout=120, capture_output=True,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    # A new session lets a hang be killed with its ranks, not leave them orphaned.
+    proc = subprocess.Popen(
+        [*cmd, __file__, str(tmp_path)],
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"2 ranks timed out:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["plans"] == rank1["plans"]
     assert rank0["plans"][0][1] == [0, 1, 2, 3, 4]
     assert rank0["ended_by"] == rank1["ended_by"] == ["patience"] * 4
     assert len(rank0["shards"]) == len(rank1["shards"]) == 8
     for epoch_shards, plan in zip(
-        zip(rank0["shards"], rank1["shards"]), [p for p in rank0["plans"] for _ in range(2)]
+        zip(rank0["shards"], rank1["shards"], strict=True),
+        [p for p in rank0["plans"] for _ in range(2)],
+        strict=True,
     ):
         first, second = epoch_shards
         assert len(first) == len(second)

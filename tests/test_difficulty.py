@@ -34,8 +34,13 @@ from pocl_ds.synthetic import generate_tasks
 from pocl_ds.telemetry import spearman
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_GPT2 = {"family": "gpt2", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
-             "max_positions": 128}
+TINY_GPT2 = {
+    "family": "gpt2",
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "max_positions": 128,
+}
 
 
 # ------------------------------------------------------------------ pure functions
@@ -93,8 +98,13 @@ def test_order_samples_rejects_unknown_options():
 
 @pytest.mark.parametrize(
     ("total", "n", "sizes"),
-    [(10, 4, [3, 3, 2, 2]), (8, 4, [2, 2, 2, 2]), (5, 1, [5]), (4, 4, [1, 1, 1, 1]),
-     (11, 3, [4, 4, 3])],
+    [
+        (10, 4, [3, 3, 2, 2]),
+        (8, 4, [2, 2, 2, 2]),
+        (5, 1, [5]),
+        (4, 4, [1, 1, 1, 1]),
+        (11, 3, [4, 4, 3]),
+    ],
 )
 def test_partition_sizes_contiguous_larger_first(total, n, sizes):
     ordered = [100 + i for i in range(total)]
@@ -115,8 +125,17 @@ def test_build_result_records_agree_with_subsets():
     ids = [10, 11, 12, 13, 14]
     ce = [1.0, 2.0, 3.0, 4.0, 5.0]
     rouge = [0.5, 0.4, 0.3, 0.2, 0.1]
-    result = build_result(ids, ce, rouge, rank_by="fusion", order="easy_to_hard",
-                          num_subsets=2, seed=0, k=60, reused=False)
+    result = build_result(
+        ids,
+        ce,
+        rouge,
+        rank_by="fusion",
+        order="easy_to_hard",
+        num_subsets=2,
+        seed=0,
+        k=60,
+        reused=False,
+    )
     assert result.order == ids
     assert result.subsets == [[10, 11, 12], [13, 14]]
     assert [r.subset for r in result.records] == [1, 1, 1, 2, 2]
@@ -159,8 +178,13 @@ def _model(seed=0):
 
 
 def _measure(model, samples, tokenizer, **overrides):
-    settings = dict(tokenizer=tokenizer, pad_id=tokenizer.pad_token_id,
-                    eos_id=tokenizer.eos_token_id, batch_size=5, max_new_tokens=6)
+    settings = dict(
+        tokenizer=tokenizer,
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        batch_size=5,
+        max_new_tokens=6,
+    )
     settings.update(overrides)
     return measure_difficulty(model, samples, **settings)
 
@@ -170,10 +194,16 @@ def test_scores_match_unbatched_reference(samples, tokenizer):
     result = _measure(model, samples, tokenizer)
     by_index = {r.index: r for r in result.records}
     assert [r.index for r in result.records] == [s.index for s in samples]
-    outputs = generate(model, [s.prompt_ids for s in samples], pad_id=tokenizer.pad_token_id,
-                       eos_id=tokenizer.eos_token_id, max_new_tokens=6, batch_size=5,
-                       progress=False)
-    for sample, output in zip(samples, outputs):
+    outputs = generate(
+        model,
+        [s.prompt_ids for s in samples],
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        max_new_tokens=6,
+        batch_size=5,
+        progress=False,
+    )
+    for sample, output in zip(samples, outputs, strict=True):
         batch = collate_for_training([sample], tokenizer.pad_token_id)
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"]).logits
@@ -209,38 +239,65 @@ def test_cache_hit_and_miss(samples, tokenizer, tmp_path, caplog):
     assert again.records == first.records and again.subsets == first.subsets
 
     # Ordering settings re-sort the cached scores without recomputing them.
-    resorted = _measure(model, samples, tokenizer, cache_path=cache, cache_key={"student": "a"},
-                        rank_by="ce", num_subsets=3)
+    resorted = _measure(
+        model,
+        samples,
+        tokenizer,
+        cache_path=cache,
+        cache_key={"student": "a"},
+        rank_by="ce",
+        num_subsets=3,
+    )
     assert resorted.reused and len(resorted.subsets) == 3
     assert [r.ce for r in resorted.records] == [r.ce for r in first.records]
     assert json.loads(meta_path_for(cache).read_text())["ordering"]["rank_by"] == "ce"
 
     caplog.clear()
-    changed = _measure(model, samples, tokenizer, cache_path=cache, cache_key={"student": "a"},
-                       max_new_tokens=7)
+    changed = _measure(
+        model, samples, tokenizer, cache_path=cache, cache_key={"student": "a"}, max_new_tokens=7
+    )
     assert not changed.reused and "max_new_tokens: 6 -> 7" in caplog.text
 
     caplog.clear()
     with torch.no_grad():
         model.transformer.wte.weight[0, 0] += 1.0
-    retrained = _measure(model, samples, tokenizer, cache_path=cache, cache_key={"student": "a"},
-                         max_new_tokens=7)
+    retrained = _measure(
+        model, samples, tokenizer, cache_path=cache, cache_key={"student": "a"}, max_new_tokens=7
+    )
     assert not retrained.reused and "student weights changed" in caplog.text
 
     caplog.clear()
-    fewer = _measure(model, samples[:-1], tokenizer, cache_path=cache, cache_key={"student": "a"},
-                     max_new_tokens=7)
+    fewer = _measure(
+        model,
+        samples[:-1],
+        tokenizer,
+        cache_path=cache,
+        cache_key={"student": "a"},
+        max_new_tokens=7,
+    )
     assert not fewer.reused and "training data changed" in caplog.text
 
     caplog.clear()
-    other = _measure(model, samples[:-1], tokenizer, cache_path=cache, cache_key={"student": "b"},
-                     max_new_tokens=7)
+    other = _measure(
+        model,
+        samples[:-1],
+        tokenizer,
+        cache_path=cache,
+        cache_key={"student": "b"},
+        max_new_tokens=7,
+    )
     assert not other.reused and "extra changed" in caplog.text
 
     caplog.clear()
     cache.write_text(cache.read_text().replace('"subset": 1', '"subset": 2'))
-    edited = _measure(model, samples[:-1], tokenizer, cache_path=cache,
-                      cache_key={"student": "b"}, max_new_tokens=7)
+    edited = _measure(
+        model,
+        samples[:-1],
+        tokenizer,
+        cache_path=cache,
+        cache_key={"student": "b"},
+        max_new_tokens=7,
+    )
     assert not edited.reused and "does not match its sidecar" in caplog.text
 
 
@@ -260,10 +317,25 @@ def test_measure_rejects_duplicate_indices_and_bad_options(samples, tokenizer):
 def _run_ranks(nproc: int, args: list[str], timeout: float) -> None:
     """torchrun this file on ``nproc`` gloo ranks; kill the whole group if it hangs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(nproc), __file__, *args]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        __file__,
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -284,13 +356,20 @@ def _worker(work_dir: str) -> None:
     work = Path(work_dir)
     tokenizer = load_tokenizer(work / "tok")
     model = load_causal_lm(str(work / "model")).eval()
-    samples = [TokenizedSample(index=s["index"], prompt_ids=tuple(s["prompt_ids"]),
-                               response_ids=tuple(s["response_ids"]),
-                               references=tuple(s["references"]))
-               for s in json.loads((work / "samples.json").read_text())]
+    samples = [
+        TokenizedSample(
+            index=s["index"],
+            prompt_ids=tuple(s["prompt_ids"]),
+            response_ids=tuple(s["response_ids"]),
+            references=tuple(s["references"]),
+        )
+        for s in json.loads((work / "samples.json").read_text())
+    ]
     result = _measure(model, samples, tokenizer, batch_size=3)
-    records = [[r.index, r.ce.hex(), r.rouge_l.hex(), r.rank_ce, r.rank_rouge, r.subset]
-               for r in result.records]
+    records = [
+        [r.index, r.ce.hex(), r.rouge_l.hex(), r.rank_ce, r.rank_rouge, r.subset]
+        for r in result.records
+    ]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (records, result.subsets))
     if dist.get_rank() == 0:
@@ -304,10 +383,19 @@ def _worker(work_dir: str) -> None:
 def test_scores_identical_on_one_and_two_ranks(samples, tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "tok")
     _model().save_pretrained(tmp_path / "model")
-    (tmp_path / "samples.json").write_text(json.dumps([
-        {"index": s.index, "prompt_ids": s.prompt_ids, "response_ids": s.response_ids,
-         "references": s.references} for s in samples[:17]  # 6 batches of 3, the last short
-    ]))
+    (tmp_path / "samples.json").write_text(
+        json.dumps(
+            [
+                {
+                    "index": s.index,
+                    "prompt_ids": s.prompt_ids,
+                    "response_ids": s.response_ids,
+                    "references": s.references,
+                }
+                for s in samples[:17]  # 6 batches of 3, the last short
+            ]
+        )
+    )
     _run_ranks(1, [str(tmp_path)], timeout=120)
     _run_ranks(2, [str(tmp_path)], timeout=120)
     one, two = (json.loads((tmp_path / f"world{w}.json").read_text()) for w in (1, 2))
@@ -326,7 +414,7 @@ def test_measured_order_tracks_known_difficulty(tokenizer):
     (seed 0), as a pretrained student scores new data; on its own training data it would just
     have memorised the answers.
     """
-    torch.manual_seed(0)
+    torch.set_num_threads(1)  # more threads than free cores slows these tiny matmuls 10x
     model = load_causal_lm(
         inline_config={**TINY_GPT2, "hidden_size": 64}, vocab_size=320, seed=0
     ).train()
@@ -355,8 +443,9 @@ def test_measured_order_tracks_known_difficulty(tokenizer):
     )
     assert rho > 0.3
     assert mean_level[0] < mean_level[-1]
-    hard_first = _measure(model, train, tokenizer, batch_size=32, max_new_tokens=24,
-                          order="hard_to_easy")
+    hard_first = _measure(
+        model, train, tokenizer, batch_size=32, max_new_tokens=24, order="hard_to_easy"
+    )
     assert hard_first.order == result.order[::-1]
 
 

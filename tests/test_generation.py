@@ -221,6 +221,24 @@ def test_distributed_generate_single_rank_equals_generate():
     )
 
 
+def test_bench_generation_appends_rows_and_writes_table(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", REPO / "launch/bench_generation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--num-prompts", "4", "--batch-sizes", "1", "4", "--new-tokens", "3",
+            "--prompt-length", "4", "--repeats", "1", "--hidden", "32", "--vocab", "64",
+            "--device", "cpu", "--output-dir", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert bench.main(argv) == 0
+    rows = (tmp_path / "generation.csv").read_text().splitlines()
+    assert rows[0].startswith("timestamp,commit,machine")
+    assert len(rows) == 1 + 2 * 4  # header, then 2 runs x 2 batch sizes x cache on/off
+    table = (tmp_path / "generation.md").read_text()
+    assert table.count("\n| ") == 1 + 4
+
+
 DIST_PROMPTS = 11  # 6 batches of 2: uneven across ranks, and rows stop at EOS at different steps
 
 

@@ -1,0 +1,411 @@
+"""The fused divergence kernel against naive PyTorch, Liger-Kernel and the matmul floor.
+
+    python launch/bench_kernel.py [--n 1024 4096] [--kinds jsd fkl] [--repeats 3] [--quick]
+    python launch/bench.py kernel [--quick] ...   (the same, through the dispatcher)
+
+For each N and kind, forward + backward of the KD loss over N tokens with hidden size H and
+vocabulary V (student and teacher heads both [V, H]; every token valid):
+
+    naive         logits of both models, the divergence on full [N × V] tensors, autograd
+    distill_loss  logits of both models (autograd matmul), then the chunked `distill_loss`
+    fused         `fused_linear_distill_loss` from hidden states and head weights
+    liger         Liger-Kernel's LigerFusedLinearJSDLoss, pure-PyTorch path, eager (jsd only)
+    liger_compiled  the same with its torch.compile (jsd only)
+    floor         the four N×H×V matmuls alone (two logits, two gradients), same chunking
+
+Each case runs in a fresh subprocess. Peak memory is the rise of resident memory (VmHWM)
+over what the inputs already use, with glibc told to map every block of 1 MiB or more
+directly so that freed tensors leave RSS at once (on CUDA: max_memory_allocated). The time
+is the median of --repeats runs (after one untimed run for compiled cases). Rows go to
+benchmarks/kernel.csv (machine, versions, commit, sizes); the table of this run is printed
+and written to benchmarks/kernel.md.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pocl_ds.cli import ArgumentParser, run_main  # noqa: E402
+from pocl_ds.errors import PoclError  # noqa: E402
+
+IMPLS = ("naive", "distill_loss", "fused", "liger", "liger_compiled", "floor")
+KIND_FREE = ("floor",)  # the same for every kind: measured once per N
+JSD_ONLY = ("liger", "liger_compiled")
+FIELDS = [
+    "timestamp", "commit", "machine", "device", "torch", "liger", "dtype", "impl", "kind",
+    "n", "hidden", "vocab", "chunk_size", "threads", "repeats", "median_s", "min_s",
+    "peak_extra_mb", "status",
+]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Linux resets VmHWM to the current RSS on `5` in clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _naive_loss(student_logits, teacher_logits, kind: str, beta: float):
+    import torch
+    import torch.nn.functional as F
+
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    if kind == "fkl":
+        per_token = (p * (log_p - log_q)).sum(-1)
+    elif kind == "rkl":
+        per_token = (q * (log_q - log_p)).sum(-1)
+    elif kind == "tvd":
+        per_token = 0.5 * (p - q).abs().sum(-1)
+    elif kind == "srkl":
+        log_m = torch.logaddexp(log_p + math.log(1 - beta), log_q + math.log(beta))
+        per_token = (q * (log_q - log_m)).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
+        per_token = (p * (log_p - log_m)).sum(-1)
+        if kind == "jsd":
+            per_token = beta * per_token + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+    return per_token.mean()
+
+
+def _case_runner(spec: dict):
+    """Inputs and a `run()` doing one forward + backward for the case in `spec`."""
+    import torch
+
+    from pocl_ds.divergence import DEFAULT_BETA, distill_loss, fused_linear_distill_loss
+
+    device = torch.device(spec["device"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    n, hidden, vocab, chunk = spec["n"], spec["hidden"], spec["vocab"], spec["chunk_size"]
+    kind, impl = spec["kind"], spec["impl"]
+    beta = DEFAULT_BETA.get(kind, 0.5)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    h_s = rand(n, hidden).requires_grad_()
+    w_s = rand(vocab, hidden, scale=hidden**-0.5).requires_grad_()
+    h_t = rand(n, hidden)
+    w_t = rand(vocab, hidden, scale=hidden**-0.5)
+    mask = torch.ones(n, dtype=torch.bool, device=device)
+    labels = torch.randint(0, vocab, (n,), generator=gen).to(device)
+
+    if impl == "floor":
+        grad_weight = torch.zeros(vocab, hidden, device=device, dtype=torch.float32)
+        grad_hidden = torch.empty(n, hidden, device=device, dtype=dtype)
+        student = torch.empty(min(chunk, n), vocab, device=device, dtype=dtype)
+        teacher = torch.empty_like(student)
+
+        def run():
+            grad_weight.zero_()
+            with torch.no_grad():
+                for start in range(0, n, chunk):
+                    rows = slice(start, start + chunk)
+                    s, t = student[: h_s[rows].shape[0]], teacher[: h_s[rows].shape[0]]
+                    torch.mm(h_s[rows], w_s.t(), out=s)
+                    torch.mm(h_t[rows], w_t.t(), out=t)
+                    torch.mm(s, w_s, out=grad_hidden[rows])
+                    if dtype == torch.float32:
+                        grad_weight.addmm_(s.t(), h_s[rows])
+                    else:  # low-precision matmul, fp32 accumulation, as the kernel does
+                        grad_weight.add_(s.t() @ h_s[rows])
+
+        return run, (h_s, w_s)
+    if impl == "naive":
+
+        def loss():
+            with torch.no_grad():
+                teacher_logits = h_t @ w_t.t()
+            return _naive_loss(h_s @ w_s.t(), teacher_logits, kind, beta)
+
+    elif impl == "distill_loss":
+
+        def loss():
+            with torch.no_grad():
+                teacher_logits = h_t @ w_t.t()
+            return distill_loss(h_s @ w_s.t(), teacher_logits, mask, kind=kind, chunk_size=chunk)
+
+    elif impl == "fused":
+
+        def loss():
+            return fused_linear_distill_loss(h_s, w_s, h_t, w_t, mask, kind=kind, chunk_size=chunk)
+
+    else:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        module = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0,
+            weight_soft_loss=1.0,
+            beta=beta,
+            compiled=impl == "liger_compiled",
+            chunk_size=chunk,
+        )
+
+        def loss():
+            return module(h_s, w_s, h_t, w_t, labels)
+
+    def run():
+        h_s.grad = w_s.grad = None
+        loss().backward()
+
+    return run, (h_s, w_s)
+
+
+def run_case(spec: dict) -> dict:
+    """Time and measure one case in this (fresh) process."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    cuda = spec["device"].startswith("cuda")
+    run, params = _case_runner(spec)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if spec["impl"] == "liger_compiled":
+        run()  # compile outside the timed and measured runs
+    for p in params:
+        p.grad = None
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _rss_mb("VmRSS")
+        if not _reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
+    times = []
+    for _ in range(spec["repeats"]):
+        for p in params:
+            p.grad = None
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    else:
+        peak = _rss_mb("VmHWM") - baseline
+    return {"median_s": statistics.median(times), "min_s": min(times), "peak_extra_mb": peak}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO, capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "uncommitted"
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=REPO, capture_output=True, text=True, timeout=10,
+    ).stdout.strip()  # fmt: skip
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _machine(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cpus"
+
+
+def _liger_version() -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        import liger_kernel.chunked_loss  # noqa: F401
+
+        return version("liger-kernel")
+    except (ImportError, PackageNotFoundError):
+        return None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from pocl_ds.divergence import DEFAULT_CHUNK_SIZE, KINDS
+
+    parser = ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096], help="token counts")
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    parser.add_argument("--output-dir", default=str(REPO / "benchmarks"))
+    parser.add_argument(
+        "--quick", action="store_true", help="N=256, H=128, V=4096, jsd only, 1 repeat"
+    )
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, JSON
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.hidden, args.vocab, args.repeats = [256], 128, 4096, 1
+        args.kinds = ["jsd"]
+        args.chunk_size = min(args.chunk_size, 128)
+    if min(args.n) < 1 or args.hidden < 1 or args.vocab < 2 or args.repeats < 1:
+        raise PoclError("--n, --hidden, --repeats must be >= 1 and --vocab >= 2")
+    return args
+
+
+def _cases(args: argparse.Namespace, liger: str | None) -> list[dict]:
+    """Per N: the floor, then kind by kind (jsd first), so an interrupted run still has the
+    complete rows of the cases it finished."""
+    kinds = sorted(args.kinds, key=lambda kind: kind != "jsd")
+    cases = []
+    for n in args.n:
+        for kind in ["-", *kinds]:
+            for impl in args.impls:
+                if (kind == "-") != (impl in KIND_FREE) or (impl in JSD_ONLY and kind != "jsd"):
+                    continue
+                cases.append(
+                    {
+                        "impl": impl, "kind": kind, "n": n, "hidden": args.hidden,
+                        "vocab": args.vocab, "chunk_size": args.chunk_size, "dtype": args.dtype,
+                        "device": args.device, "threads": args.threads, "repeats": args.repeats,
+                        "liger": liger,
+                    }
+                )  # fmt: skip
+    return cases
+
+
+def _run_in_subprocess(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ)
+    # Every block of >= 1 MiB is mmap'ed and unmapped on free, so RSS follows live tensors.
+    env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 20), PYTHONPATH=str(REPO))
+    command = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(spec)]
+    try:
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout:.0f}s"}
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"status": f"failed: {tail[0][:200]}"}
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "status": "ok"}
+
+
+def _markdown(rows: list[dict]) -> str:
+    first = rows[0]
+    lines = [
+        f"Kernel forward+backward, H={first['hidden']}, V={first['vocab']}, {first['dtype']}, "
+        f"chunk {first['chunk_size']}; {first['machine']} ({first['device']}), torch "
+        f"{first['torch']}, liger-kernel {first['liger'] or 'not installed'}, commit "
+        f"{first['commit']}; median of {first['repeats']}. Peak = extra resident memory over "
+        "the inputs; ratios: time / matmul floor of this run, memory / naive of the same kind.",
+        "",
+        "| N | kind | impl | time (s) | × floor | peak extra (MB) | × naive memory |",
+        "|---:|:---|:---|---:|---:|---:|---:|",
+    ]
+    ok = [r for r in rows if r["status"] == "ok"]
+    floors = {r["n"]: float(r["median_s"]) for r in ok if r["impl"] == "floor"}
+    naive_mb = {(r["n"], r["kind"]): float(r["peak_extra_mb"]) for r in ok if r["impl"] == "naive"}
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['n']} | {r['kind']} | {r['impl']} | {r['status']} | | | |")
+            continue
+        time_s, peak = float(r["median_s"]), float(r["peak_extra_mb"])
+        floor = floors.get(r["n"])
+        naive = naive_mb.get((r["n"], r["kind"]))
+        x_floor = f"{time_s / floor:.2f}" if floor else ""
+        x_naive = f"{peak / naive:.3f}" if naive and r["impl"] != "floor" else ""
+        lines.append(
+            f"| {r['n']} | {r['kind']} | {r['impl']} | {time_s:.2f} | {x_floor} | {peak:.0f} "
+            f"| {x_naive} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return 0
+    import torch
+
+    liger = _liger_version()
+    impls = [i for i in args.impls if i not in JSD_ONLY or liger]
+    if len(impls) < len(args.impls):
+        sys.stderr.write("liger-kernel not importable: skipping the Liger rows "
+                         "(pip install --no-deps liger-kernel)\n")  # fmt: skip
+    args.impls = impls
+    shared = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "machine": _machine(args.device),
+        "torch": torch.__version__,
+        "threads": args.threads or torch.get_num_threads(),
+    }
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    csv_path = output / "kernel.csv"
+    rows = []
+    for spec in _cases(args, liger):
+        sys.stderr.write(f"N={spec['n']} {spec['kind']} {spec['impl']} ...\n")
+        sys.stderr.flush()
+        result = _run_in_subprocess(spec, args.timeout)
+        row = {**shared, **spec, "median_s": "", "min_s": "", "peak_extra_mb": "", **result}
+        row["device"] = args.device
+        rows.append({k: row[k] for k in FIELDS})
+        # written case by case, so an interrupted run keeps what it measured
+        new_file = not csv_path.exists()
+        with csv_path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            if new_file:
+                writer.writeheader()
+            writer.writerow(rows[-1])
+        (output / "kernel.md").write_text(_markdown(rows))
+    print(_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

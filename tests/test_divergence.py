@@ -1,0 +1,612 @@
+"""pocl_ds.divergence against a naive full-softmax reference, analytic cases, and ZeRO-3.
+
+The reference below is SPEC.md's table written the obvious way (whole [N × V] tensors,
+autograd for gradients) in float64; the kernel must match it in values and gradients.
+Tolerances: fp32 inputs, rtol 1e-5 on losses and 1e-4 on gradients (atol scaled to the
+gradient size); bf16 inputs (bf16 matmuls, fp32 softmax math), rtol 2e-2 on losses and a
+relative gradient error (‖Δ‖/‖ref‖) below 3e-2, both against the reference on the same
+bf16-rounded inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pocl_ds.divergence import (
+    DEFAULT_BETA,
+    KINDS,
+    distill_loss,
+    fused_linear_distill_loss,
+    gathered_head,
+    resolve_divergence,
+)
+from pocl_ds.errors import PoclError
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def naive_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float | None = None,
+) -> torch.Tensor:
+    """Per-token D(p, q) of SPEC.md over the shared vocabulary prefix, float64, [...]."""
+    beta = DEFAULT_BETA.get(kind, 0.0) if beta is None else beta
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    log_q = F.log_softmax(student_logits[..., :vocab].double() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits[..., :vocab].double() / temperature, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    b = torch.tensor(beta, dtype=torch.float64)
+    if kind == "fkl":
+        return (p * (log_p - log_q)).sum(-1)
+    if kind == "rkl":
+        return (q * (log_q - log_p)).sum(-1)
+    if kind == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if kind in ("jsd", "skl"):
+        log_m = torch.logaddexp(b.log() + log_p, (1 - b).log() + log_q)
+        kl_p = torch.where(p > 0, p * (log_p - log_m), 0.0).sum(-1)
+        if kind == "skl":
+            return kl_p
+        kl_q = torch.where(q > 0, q * (log_q - log_m), 0.0).sum(-1)
+        return b * kl_p + (1 - b) * kl_q
+    log_m = torch.logaddexp((1 - b).log() + log_p, b.log() + log_q)
+    return (q * (log_q - log_m)).sum(-1)
+
+
+def naive_loss(
+    student_logits, teacher_logits, mask, kind, temperature=1.0, beta=None, scale=True, divisor=None
+):
+    per_token = naive_divergence(student_logits, teacher_logits, kind, temperature, beta)
+    mask = mask.reshape(per_token.shape).double()
+    divisor = mask.sum().clamp_min(1) if divisor is None else divisor
+    return (per_token * mask).sum() / divisor * (temperature**2 if scale else 1.0)
+
+
+def naive_ce(student_logits, labels, mask, vocab, divisor=None):
+    logits = student_logits[..., :vocab].double().reshape(-1, vocab)
+    targets = torch.where(mask.reshape(-1).bool(), labels.reshape(-1), -100)
+    total = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    divisor = mask.sum().clamp_min(1) if divisor is None else divisor
+    return total / divisor
+
+
+def make_case(n, h, vocab_s, vocab_t=None, *, dtype=torch.float32, seed=0, spread=1.0):
+    """Student/teacher hidden states and heads, a mask with ~30% of tokens off."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab_t = vocab_s if vocab_t is None else vocab_t
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    case = {
+        "h_s": rand(n, h).requires_grad_(),
+        "w_s": rand(vocab_s, h, scale=spread).requires_grad_(),
+        "h_t": rand(n, h + 3),
+        "w_t": rand(vocab_t, h + 3, scale=spread),
+        "mask": torch.rand(n, generator=gen) > 0.3,
+    }
+    case["mask"][0] = True
+    return case
+
+
+def grads_of(loss, *tensors):
+    return torch.autograd.grad(loss, tensors, allow_unused=True)
+
+
+def assert_close(actual, expected, rtol, what):
+    actual, expected = actual.detach(), expected.detach().to(actual.dtype)
+    atol = rtol * max(float(expected.abs().max()), 1e-3)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+KIND_BETAS = [(kind, None) for kind in KINDS] + [
+    ("jsd", 0.1),
+    ("jsd", 0.9),
+    ("skl", 0.5),
+    ("srkl", 0.5),
+    ("skl", 0.9),
+    ("srkl", 0.9),
+]
+
+
+# ----------------------------------------------------------------------------- vs reference
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize(("kind", "beta"), KIND_BETAS)
+def test_fused_matches_naive_reference(kind, beta, temperature):
+    c = make_case(37, 16, 123)
+    logits_s = c["h_s"] @ c["w_s"].t()
+    ref = naive_loss(logits_s, c["h_t"] @ c["w_t"].t(), c["mask"], kind, temperature, beta)
+    ref_grads = grads_of(ref, c["h_s"], c["w_s"])
+    out = fused_linear_distill_loss(
+        c["h_s"],
+        c["w_s"],
+        c["h_t"],
+        c["w_t"],
+        c["mask"],
+        kind=kind,
+        temperature=temperature,
+        beta=beta,
+        chunk_size=8,
+    )
+    assert out.dtype == torch.float32 and out.dim() == 0
+    assert_close(out, ref, 1e-5, "loss")
+    for got, want, name in zip(
+        grads_of(out, c["h_s"], c["w_s"]), ref_grads, ("hidden", "weight"), strict=True
+    ):
+        assert_close(got, want, 1e-4, name)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize(("kind", "beta"), KIND_BETAS)
+def test_distill_loss_matches_naive_reference(kind, beta, temperature):
+    gen = torch.Generator().manual_seed(1)
+    student = (torch.randn(3, 11, 123, generator=gen) * 3).requires_grad_()
+    teacher = torch.randn(3, 11, 123, generator=gen) * 3
+    mask = torch.rand(3, 11, generator=gen) > 0.3
+    ref = naive_loss(student, teacher, mask, kind, temperature, beta)
+    out = distill_loss(
+        student, teacher, mask, kind=kind, temperature=temperature, beta=beta, chunk_size=5
+    )
+    assert_close(out, ref, 1e-5, "loss")
+    assert_close(grads_of(out, student)[0], grads_of(ref, student)[0], 1e-4, "logits grad")
+
+
+@pytest.mark.parametrize("n", [1, 2, 9])
+@pytest.mark.parametrize("kind", ["fkl", "jsd", "srkl"])
+def test_odd_shapes_and_batched_inputs(kind, n):
+    """N = 1, N not a multiple of the chunk, [B, T, H] inputs, hidden widths that differ."""
+    c = make_case(2 * n, 5, 123, seed=n)
+    for key in ("h_s", "h_t"):
+        c[key] = c[key].detach().reshape(2, n, -1).requires_grad_(key == "h_s")
+    c["mask"] = c["mask"].reshape(2, n)
+    ref = naive_loss(c["h_s"] @ c["w_s"].t(), c["h_t"] @ c["w_t"].t(), c["mask"], kind)
+    out = fused_linear_distill_loss(
+        c["h_s"], c["w_s"], c["h_t"], c["w_t"], c["mask"], kind=kind, chunk_size=4
+    )
+    assert_close(out, ref, 1e-5, "loss")
+    for got, want in zip(
+        grads_of(out, c["h_s"], c["w_s"]), grads_of(ref, c["h_s"], c["w_s"]), strict=True
+    ):
+        assert got.shape == want.shape
+        assert_close(got, want, 1e-4, "grad")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_within_documented_tolerance(kind):
+    c = make_case(40, 32, 301, dtype=torch.bfloat16, seed=3)
+    # the reference sees the same bf16-rounded values, in float64
+    h_s = c["h_s"].detach().double().requires_grad_()
+    w_s = c["w_s"].detach().double().requires_grad_()
+    ref = naive_loss(h_s @ w_s.t(), c["h_t"].double() @ c["w_t"].double().t(), c["mask"], kind, 2.0)
+    out = fused_linear_distill_loss(
+        c["h_s"], c["w_s"], c["h_t"], c["w_t"], c["mask"], kind=kind, temperature=2.0, chunk_size=16
+    )
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=1e-4)
+    got = grads_of(out, c["h_s"], c["w_s"])
+    assert got[0].dtype == got[1].dtype == torch.bfloat16
+    for g, want in zip(got, grads_of(ref, h_s, w_s), strict=True):
+        assert float((g.double() - want).norm() / want.norm()) < 3e-2
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])
+def test_biases_and_vocab_mismatch(kind):
+    """Padded tables: student wider, then teacher wider; both heads with biases."""
+    for vocab_s, vocab_t in ((130, 123), (123, 130)):
+        c = make_case(21, 8, vocab_s, vocab_t, seed=vocab_s)
+        b_s = torch.randn(vocab_s).requires_grad_()
+        b_t = torch.randn(vocab_t)
+        ref = naive_loss(
+            torch.addmm(b_s, c["h_s"], c["w_s"].t()),
+            torch.addmm(b_t, c["h_t"], c["w_t"].t()),
+            c["mask"],
+            kind,
+            2.0,
+        )
+        out = fused_linear_distill_loss(
+            c["h_s"],
+            c["w_s"],
+            c["h_t"],
+            c["w_t"],
+            c["mask"],
+            kind=kind,
+            temperature=2.0,
+            chunk_size=8,
+            student_head_bias=b_s,
+            teacher_head_bias=b_t,
+        )
+        assert_close(out, ref, 1e-5, "loss")
+        got = grads_of(out, c["h_s"], c["w_s"], b_s)
+        for g, want in zip(got, grads_of(ref, c["h_s"], c["w_s"], b_s), strict=True):
+            assert_close(g, want, 1e-4, "grad")
+        # the student's padded columns get zero probability, hence no gradient
+        assert not got[1][123:].any() and not got[2][123:].any()
+        logits = distill_loss(
+            torch.addmm(b_s, c["h_s"], c["w_s"].t()),
+            torch.addmm(b_t, c["h_t"], c["w_t"].t()),
+            c["mask"],
+            kind=kind,
+            temperature=2.0,
+        )
+        assert_close(logits, ref, 1e-5, "distill_loss with mismatched widths")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind", ["fkl", "tvd", "skl"])
+def test_labels_give_ce_from_the_same_logits(kind, temperature):
+    c = make_case(29, 8, 97, seed=5)
+    gen = torch.Generator().manual_seed(9)
+    labels = torch.randint(0, 97, (29,), generator=gen)
+    labels[3] = -100  # an ignored label inside the mask: no CE, still KD
+    c["mask"][3] = True
+    logits_s = c["h_s"] @ c["w_s"].t()
+    ref_kd = naive_loss(logits_s, c["h_t"] @ c["w_t"].t(), c["mask"], kind, temperature)
+    ref_ce = naive_ce(logits_s, labels, c["mask"], 97)
+    kd, ce = fused_linear_distill_loss(
+        c["h_s"],
+        c["w_s"],
+        c["h_t"],
+        c["w_t"],
+        c["mask"],
+        kind=kind,
+        temperature=temperature,
+        labels=labels,
+        chunk_size=7,
+    )
+    assert_close(kd, ref_kd, 1e-5, "kd")
+    assert_close(ce, ref_ce, 1e-5, "ce")
+    # α·CE + (1 − α)·KD: the two terms' gradients are kept apart until the weights are known
+    alpha = 0.3
+    got = grads_of(alpha * ce + (1 - alpha) * kd, c["h_s"], c["w_s"])
+    want = grads_of(alpha * ref_ce + (1 - alpha) * ref_kd, c["h_s"], c["w_s"])
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, 1e-4, "grad")
+
+
+def test_ce_only_without_teacher():
+    c = make_case(13, 8, 50)
+    labels = torch.randint(0, 50, (13,))
+    kd, ce = fused_linear_distill_loss(
+        c["h_s"], c["w_s"], None, None, c["mask"], kind="fkl", labels=labels
+    )
+    ref = naive_ce(c["h_s"] @ c["w_s"].t(), labels, c["mask"], 50)
+    assert float(kd) == 0.0
+    assert_close(ce, ref, 1e-5, "ce")
+    for g, w in zip(
+        grads_of(ce, c["h_s"], c["w_s"]), grads_of(ref, c["h_s"], c["w_s"]), strict=True
+    ):
+        assert_close(g, w, 1e-4, "grad")
+
+
+# ----------------------------------------------------------------------------- analytic
+
+
+@pytest.mark.parametrize(("kind", "beta"), KIND_BETAS)
+def test_identical_distributions_give_zero(kind, beta):
+    logits = torch.randn(17, 64) * 4
+    student = logits.clone().requires_grad_()
+    loss = distill_loss(student, logits, torch.ones(17), kind=kind, beta=beta, temperature=2.0)
+    assert abs(float(loss)) < 1e-6
+    if kind != "tvd":  # |p − q| has no gradient at p = q; its subgradient here is arbitrary
+        assert grads_of(loss, student)[0].abs().max() < 1e-6
+    w = torch.randn(64, 8).requires_grad_()
+    h = torch.randn(17, 8)
+    fused = fused_linear_distill_loss(h, w, h, w.detach(), torch.ones(17), kind=kind, beta=beta)
+    assert abs(float(fused)) < 1e-6
+
+
+def test_beta_endpoints():
+    gen = torch.Generator().manual_seed(2)
+    student = torch.randn(9, 40, generator=gen).requires_grad_()
+    teacher = torch.randn(9, 40, generator=gen)
+    mask = torch.ones(9)
+
+    def loss(kind, beta):
+        return distill_loss(student, teacher, mask, kind=kind, beta=beta)
+
+    for beta in (0.0, 1.0):
+        out = loss("jsd", beta)
+        assert float(out) == 0.0 and not grads_of(out, student)[0].any()
+    for kind in ("skl", "srkl"):
+        out = loss(kind, 1.0)
+        assert float(out) == 0.0 and not grads_of(out, student)[0].any()
+    assert float(loss("skl", 0.0)) == float(loss("fkl", None))
+    assert float(loss("srkl", 0.0)) == float(loss("rkl", None))
+    # and the limits are continuous: β → 0 approaches fkl / rkl, β → 1 approaches 0
+    assert math.isclose(float(loss("skl", 1e-6)), float(loss("fkl", None)), rel_tol=1e-4)
+    assert math.isclose(float(loss("srkl", 1e-6)), float(loss("rkl", None)), rel_tol=1e-4)
+    assert float(loss("jsd", 1e-6)) < 1e-4 and float(loss("skl", 1 - 1e-6)) < 1e-4
+    assert resolve_divergence("fkl", 0.7).kind == "fkl"  # β ignored where unused
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(kind):
+    gen = torch.Generator().manual_seed(4)
+    h_s = torch.randn(6, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    w_s = torch.randn(7, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    b_s = torch.randn(7, dtype=torch.float64, generator=gen, requires_grad=True)
+    h_t = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+    w_t = torch.randn(7, 4, dtype=torch.float64, generator=gen)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1])
+    labels = torch.randint(0, 7, (6,), generator=gen)
+
+    def fused(h, w, b):
+        return fused_linear_distill_loss(
+            h,
+            w,
+            h_t,
+            w_t,
+            mask,
+            kind=kind,
+            temperature=1.5,
+            labels=labels,
+            chunk_size=4,
+            student_head_bias=b,
+        )
+
+    assert torch.autograd.gradcheck(fused, (h_s, w_s, b_s))
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    teacher = torch.randn(2, 3, 7, dtype=torch.float64, generator=gen)
+    assert torch.autograd.gradcheck(
+        lambda x: distill_loss(x, teacher, mask.reshape(2, 3), kind=kind, chunk_size=2), (logits,)
+    )
+
+
+@pytest.mark.parametrize("kind", ["rkl", "tvd", "skl"])
+def test_result_does_not_depend_on_chunk_size(kind):
+    c = make_case(50, 8, 77, seed=6)
+    labels = torch.randint(0, 77, (50,))
+    results = []
+    for chunk_size in (1, 3, 16, 50, 4096):
+        kd, ce = fused_linear_distill_loss(
+            c["h_s"],
+            c["w_s"],
+            c["h_t"],
+            c["w_t"],
+            c["mask"],
+            kind=kind,
+            labels=labels,
+            chunk_size=chunk_size,
+        )
+        results.append((kd, ce, *grads_of(kd + ce, c["h_s"], c["w_s"])))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_tokens_masked_give_zero_and_zero_grads(kind):
+    c = make_case(8, 4, 30)
+    mask = torch.zeros(8, dtype=torch.bool)
+    kd, ce = fused_linear_distill_loss(
+        c["h_s"], c["w_s"], c["h_t"], c["w_t"], mask, kind=kind, labels=torch.zeros(8).long()
+    )
+    assert float(kd) == 0.0 and float(ce) == 0.0
+    g_h, g_w = grads_of(kd + ce, c["h_s"], c["w_s"])
+    assert g_h.shape == c["h_s"].shape and not g_h.any() and not g_w.any()
+    logits = torch.randn(8, 30, requires_grad=True)
+    out = distill_loss(logits, torch.randn(8, 30), mask, kind=kind)
+    assert float(out) == 0.0 and not grads_of(out, logits)[0].any()
+
+
+@pytest.mark.parametrize(("kind", "beta"), KIND_BETAS)
+def test_extreme_logits_stay_finite(kind, beta):
+    gen = torch.Generator().manual_seed(7)
+    student = torch.randn(6, 50, generator=gen) * 1e4
+    teacher = torch.randn(6, 50, generator=gen) * 1e4
+    # a token both models find (almost) impossible, and one where only one of them does
+    student[:, 7], teacher[:, 7] = -1e4, -1e4
+    student[:, 9], teacher[:, 9] = 1e4, -1e4
+    student.requires_grad_()
+    for temperature in (1.0, 2.0):
+        out = distill_loss(
+            student, teacher, torch.ones(6), kind=kind, beta=beta, temperature=temperature
+        )
+        ref = naive_loss(student, teacher, torch.ones(6), kind, temperature, beta)
+        grad = grads_of(out, student)[0]
+        assert torch.isfinite(out) and torch.isfinite(grad).all()
+        assert_close(out, ref, 1e-5, "loss")
+        assert_close(grad, grads_of(ref, student)[0], 1e-4, "grad")
+
+
+def test_global_normalisation_by_valid_tokens():
+    """Long and short sequences in one batch, and the batch split into two micro-batches."""
+    gen = torch.Generator().manual_seed(8)
+    lengths = torch.tensor([2, 7, 10, 1])
+    mask = torch.arange(10)[None, :] < lengths[:, None]
+    h_s = torch.randn(4, 10, 6, generator=gen, requires_grad=True)
+    w_s = torch.randn(40, 6, generator=gen, requires_grad=True)
+    h_t = torch.randn(4, 10, 5, generator=gen)
+    w_t = torch.randn(40, 5, generator=gen)
+    ref = naive_loss(h_s @ w_s.t(), h_t @ w_t.t(), mask, "jsd", 2.0)
+    whole = fused_linear_distill_loss(h_s, w_s, h_t, w_t, mask, kind="jsd", temperature=2.0)
+    assert_close(whole, ref, 1e-5, "whole batch")
+    # micro-batches of 1 and 3 sequences, each divided by the global count (int and tensor)
+    total = int(mask.sum())
+    parts = [
+        fused_linear_distill_loss(
+            h_s[rows],
+            w_s,
+            h_t[rows],
+            w_t,
+            mask[rows],
+            kind="jsd",
+            temperature=2.0,
+            num_valid_tokens=count,
+        )
+        for rows, count in ((slice(0, 1), total), (slice(1, 4), torch.tensor(total)))
+    ]
+    assert_close(parts[0] + parts[1], ref, 1e-5, "sum of micro-batches")
+    for g, w in zip(grads_of(parts[0] + parts[1], h_s, w_s), grads_of(ref, h_s, w_s), strict=True):
+        assert_close(g, w, 1e-4, "grad")
+    logits = distill_loss(h_s @ w_s.t(), h_t @ w_t.t(), mask, kind="jsd", temperature=2.0)
+    assert_close(logits, ref, 1e-5, "distill_loss")
+
+
+def test_temperature_squared_switch():
+    student, teacher, mask = torch.randn(5, 20), torch.randn(5, 20), torch.ones(5)
+    on = distill_loss(student, teacher, mask, kind="rkl", temperature=2.0)
+    off = distill_loss(
+        student, teacher, mask, kind="rkl", temperature=2.0, scale_by_temperature_squared=False
+    )
+    assert math.isclose(float(on), 4.0 * float(off), rel_tol=1e-6)
+
+
+def test_user_errors_name_the_argument():
+    student, teacher, mask = torch.randn(4, 10), torch.randn(4, 10), torch.ones(4)
+    cases = [
+        ({"kind": "kl"}, "kind"),
+        ({"kind": "jsd", "beta": 1.5}, "beta"),
+        ({"kind": "skl", "beta": -0.1}, "beta"),
+        ({"kind": "srkl", "beta": "0.1"}, "beta"),
+        ({"kind": "fkl", "temperature": 0.0}, "temperature"),
+        ({"kind": "fkl", "chunk_size": 0}, "chunk_size"),
+        ({"kind": "fkl", "num_valid_tokens": -1}, "num_valid_tokens"),
+    ]
+    for kwargs, name in cases:
+        with pytest.raises(PoclError, match=name):
+            distill_loss(student, teacher, mask, **kwargs)
+    with pytest.raises(PoclError, match="response_mask"):
+        distill_loss(student, teacher, torch.ones(5), kind="fkl")
+    h, w = torch.randn(4, 3), torch.randn(10, 3)
+    with pytest.raises(PoclError, match="labels"):
+        fused_linear_distill_loss(h, w, h, w, mask, kind="fkl", labels=torch.tensor([1, 2, 3, 10]))
+    with pytest.raises(PoclError, match="teacher_head_weight"):
+        fused_linear_distill_loss(h, w, h, torch.randn(10, 4), mask, kind="fkl")
+
+
+def test_gathered_head_passes_plain_tensors_through():
+    weight = torch.randn(5, 3, requires_grad=True)
+    with gathered_head(weight, None):
+        assert weight.shape == (5, 3)
+
+
+# ----------------------------------------------------------------------------- ZeRO-3
+
+
+def _zero_worker(out_path: str) -> None:
+    """On each of 2 ranks: the same 3 KD steps of a tied-embedding GPT-2 under ZeRO-0 with
+    the naive loss on full logits, and under ZeRO-3 with the fused loss on the partitioned
+    head. Rank 0 writes both loss trajectories and final head weights."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+
+    def build(seed):
+        torch.manual_seed(seed)
+        config = GPT2Config(
+            vocab_size=96,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=32,
+            tie_word_embeddings=True,
+        )
+        return GPT2LMHeadModel(config)
+
+    teacher = build(1).eval()
+    gen = torch.Generator().manual_seed(100 + rank)
+    batches = [torch.randint(0, 96, (2, 12), generator=gen) for _ in range(3)]
+    mask = torch.ones(2, 11)
+    mask[0, 7:] = 0
+
+    def run(stage: int, fused: bool):
+        model = build(0)
+        assert model.lm_head.weight is model.transformer.wte.weight
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        config = {
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+            "steps_per_print": 10**6,
+        }
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        losses, grads = [], []
+        for input_ids in batches:
+            hidden = engine.module.transformer(input_ids=input_ids).last_hidden_state[:, :-1]
+            with torch.no_grad():
+                t_hidden = teacher.transformer(input_ids=input_ids).last_hidden_state[:, :-1]
+            weight = engine.module.lm_head.weight
+            if fused:
+                with gathered_head(weight):
+                    assert weight.shape == (96, 32)
+                    loss = fused_linear_distill_loss(
+                        hidden,
+                        weight,
+                        t_hidden,
+                        teacher.lm_head.weight,
+                        mask,
+                        kind="jsd",
+                        temperature=2.0,
+                        chunk_size=5,
+                    )
+            else:
+                logits = engine.module.lm_head(hidden)
+                loss = naive_loss(
+                    logits, t_hidden @ teacher.lm_head.weight.t(), mask, "jsd", 2.0
+                ).float()
+            engine.backward(loss)
+            if not grads:  # the tied weight's full gradient (embedding + head) of step 1
+                grads.append(safe_get_full_grad(engine.module.lm_head.weight).clone())
+            engine.step()
+            losses.append(float(loss))
+        weight = engine.module.lm_head.weight
+        with gathered_head(weight):
+            final = weight.detach().clone()
+        if stage == 3:
+            assert weight.numel() == 0 or weight.ds_numel == 96 * 32  # partitioned again
+        return losses, grads[0], final
+
+    reference_losses, reference_grad, reference_weight = run(0, fused=False)
+    fused_losses, fused_grad, fused_weight = run(3, fused=True)
+    if rank == 0:
+        Path(out_path).write_text(
+            json.dumps(
+                {
+                    "reference": reference_losses,
+                    "fused": fused_losses,
+                    "grad_scale": float(reference_grad.abs().max()),
+                    "max_grad_diff": float((reference_grad - fused_grad).abs().max()),
+                    "max_weight_diff": float((reference_weight - fused_weight).abs().max()),
+                    "weight_change": float((fused_weight - build(0).lm_head.weight).abs().max()),
+                }
+            )
+        )
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_tied_head_matches_zero0(tmp_path):
+    from tests import launchers
+
+    out = tmp_path / "zero.json"
+    result = launchers.run("torchrun", __file__, ["zero", str(out)], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["max_grad_diff"] < 1e-5 * report["grad_scale"]
+    assert report["weight_change"] > 1e-3  # the tied head did train
+    for ref, got in zip(report["reference"], report["fused"], strict=True):
+        assert math.isclose(ref, got, rel_tol=1e-4)
+    # Adam turns float-rounding differences of near-zero gradients into ~lr-sized steps
+    assert report["max_weight_diff"] < 0.05 * report["weight_change"]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["zero"]:
+    _zero_worker(sys.argv[2])
