@@ -16,9 +16,11 @@ vocabulary V (student and teacher heads both [V, H]; every token valid):
 Each case runs in a fresh subprocess. Peak memory is the rise of resident memory (VmHWM)
 over what the inputs already use, with glibc told to map every block of 1 MiB or more
 directly so that freed tensors leave RSS at once (on CUDA: max_memory_allocated). The time
-is the median of --repeats runs (after one untimed run for compiled cases). Rows go to
-benchmarks/kernel.csv (machine, versions, commit, sizes); the table of this run is printed
-and written to benchmarks/kernel.md.
+is the median of --repeats runs (after one untimed run for compiled cases); each case also
+times one floor run in its own process just before, and "× floor" divides by that, so load
+from other jobs on a shared machine shifts both alike. Rows go to benchmarks/kernel.csv
+(machine, versions, commit, sizes), one per case as it finishes; the table of this run is
+printed and written to benchmarks/kernel.md.
 """
 
 import argparse
@@ -46,7 +48,7 @@ JSD_ONLY = ("liger", "liger_compiled")
 FIELDS = [
     "timestamp", "commit", "machine", "device", "torch", "liger", "dtype", "impl", "kind",
     "n", "hidden", "vocab", "chunk_size", "threads", "repeats", "median_s", "min_s",
-    "peak_extra_mb", "status",
+    "floor_s", "peak_extra_mb", "status",
 ]  # fmt: skip
 
 
@@ -95,8 +97,30 @@ def _naive_loss(student_logits, teacher_logits, kind: str, beta: float):
     return per_token.mean()
 
 
-def _case_runner(spec: dict):
-    """Inputs and a `run()` doing one forward + backward for the case in `spec`."""
+def _inputs(spec: dict) -> dict:
+    """Hidden states [N, H] and heads [V, H] of student and teacher; labels [N]."""
+    import torch
+
+    device = torch.device(spec["device"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    n, hidden, vocab = spec["n"], spec["hidden"], spec["vocab"]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    return {
+        "h_s": rand(n, hidden).requires_grad_(),
+        "w_s": rand(vocab, hidden, scale=hidden**-0.5).requires_grad_(),
+        "h_t": rand(n, hidden),
+        "w_t": rand(vocab, hidden, scale=hidden**-0.5),
+        "mask": torch.ones(n, dtype=torch.bool, device=device),
+        "labels": torch.randint(0, vocab, (n,), generator=gen).to(device),
+    }
+
+
+def _case_runner(spec: dict, inputs: dict):
+    """A `run()` doing one forward + backward of `spec["impl"]`, and the student tensors."""
     import torch
 
     from pocl_ds.divergence import DEFAULT_BETA, distill_loss, fused_linear_distill_loss
@@ -106,17 +130,8 @@ def _case_runner(spec: dict):
     n, hidden, vocab, chunk = spec["n"], spec["hidden"], spec["vocab"], spec["chunk_size"]
     kind, impl = spec["kind"], spec["impl"]
     beta = DEFAULT_BETA.get(kind, 0.5)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
-
-    h_s = rand(n, hidden).requires_grad_()
-    w_s = rand(vocab, hidden, scale=hidden**-0.5).requires_grad_()
-    h_t = rand(n, hidden)
-    w_t = rand(vocab, hidden, scale=hidden**-0.5)
-    mask = torch.ones(n, dtype=torch.bool, device=device)
-    labels = torch.randint(0, vocab, (n,), generator=gen).to(device)
+    h_s, w_s, h_t, w_t = inputs["h_s"], inputs["w_s"], inputs["h_t"], inputs["w_t"]
+    mask, labels = inputs["mask"], inputs["labels"]
 
     if impl == "floor":
         grad_weight = torch.zeros(vocab, hidden, device=device, dtype=torch.float32)
@@ -186,11 +201,22 @@ def run_case(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     cuda = spec["device"].startswith("cuda")
-    run, params = _case_runner(spec)
+    inputs = _inputs(spec)
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
+
+    # The machine may be shared: a floor run in this process, just before the case, gives a
+    # time ratio that load changes between cases do not distort.
+    floor_run, _ = _case_runner({**spec, "impl": "floor"}, inputs)
+    sync()
+    start = time.perf_counter()
+    floor_run()
+    sync()
+    floor_s = time.perf_counter() - start
+    del floor_run
+    run, params = _case_runner(spec, inputs)
 
     if spec["impl"] == "liger_compiled":
         run()  # compile outside the timed and measured runs
@@ -217,7 +243,12 @@ def run_case(spec: dict) -> dict:
         peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20
     else:
         peak = _rss_mb("VmHWM") - baseline
-    return {"median_s": statistics.median(times), "min_s": min(times), "peak_extra_mb": peak}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "floor_s": floor_s,
+        "peak_extra_mb": peak,
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -273,7 +304,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
@@ -282,7 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks"))
     parser.add_argument(
-        "--quick", action="store_true", help="N=256, H=128, V=4096, jsd only, 1 repeat"
+        "--quick",
+        action="store_true",
+        help="N=256, H=128, V=4096, jsd only, 1 repeat, no torch.compile (under a minute)",
     )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, JSON
     args = parser.parse_args(argv)
@@ -290,6 +323,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.n, args.hidden, args.vocab, args.repeats = [256], 128, 4096, 1
         args.kinds = ["jsd"]
         args.chunk_size = min(args.chunk_size, 128)
+        if args.impls is None:  # compiling takes longer than the rest of the quick run
+            args.impls = [impl for impl in IMPLS if impl != "liger_compiled"]
+    args.impls = args.impls or list(IMPLS)
     if min(args.n) < 1 or args.hidden < 1 or args.vocab < 2 or args.repeats < 1:
         raise PoclError("--n, --hidden, --repeats must be >= 1 and --vocab >= 2")
     return args
@@ -340,25 +376,27 @@ def _markdown(rows: list[dict]) -> str:
         f"chunk {first['chunk_size']}; {first['machine']} ({first['device']}), torch "
         f"{first['torch']}, liger-kernel {first['liger'] or 'not installed'}, commit "
         f"{first['commit']}; median of {first['repeats']}. Peak = extra resident memory over "
-        "the inputs; ratios: time / matmul floor of this run, memory / naive of the same kind.",
+        "the inputs. × floor: time / the four chunked matmuls alone, run in the same process "
+        "just before the case (the floor row: its own median); × naive memory: peak / naive's "
+        "of the same kind.",
         "",
-        "| N | kind | impl | time (s) | × floor | peak extra (MB) | × naive memory |",
-        "|---:|:---|:---|---:|---:|---:|---:|",
+        "| N | kind | impl | time (s) | floor (s) | × floor | peak extra (MB) | × naive memory |",
+        "|---:|:---|:---|---:|---:|---:|---:|---:|",
     ]
     ok = [r for r in rows if r["status"] == "ok"]
-    floors = {r["n"]: float(r["median_s"]) for r in ok if r["impl"] == "floor"}
     naive_mb = {(r["n"], r["kind"]): float(r["peak_extra_mb"]) for r in ok if r["impl"] == "naive"}
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['n']} | {r['kind']} | {r['impl']} | {r['status']} | | | |")
+            lines.append(f"| {r['n']} | {r['kind']} | {r['impl']} | {r['status']} | | | | |")
             continue
         time_s, peak = float(r["median_s"]), float(r["peak_extra_mb"])
-        floor = floors.get(r["n"])
+        floor = float(r["floor_s"]) if r["impl"] != "floor" else time_s
         naive = naive_mb.get((r["n"], r["kind"]))
         x_floor = f"{time_s / floor:.2f}" if floor else ""
         x_naive = f"{peak / naive:.3f}" if naive and r["impl"] != "floor" else ""
         lines.append(
-            f"| {r['n']} | {r['kind']} | {r['impl']} | {time_s:.2f} | {x_floor} | {peak:.0f} "
+            f"| {r['n']} | {r['kind']} | {r['impl']} | {time_s:.2f} | {floor:.2f} | {x_floor} "
+            f"| {peak:.0f} "
             f"| {x_naive} |"
         )
     return "\n".join(lines) + "\n"
@@ -392,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"N={spec['n']} {spec['kind']} {spec['impl']} ...\n")
         sys.stderr.flush()
         result = _run_in_subprocess(spec, args.timeout)
-        row = {**shared, **spec, "median_s": "", "min_s": "", "peak_extra_mb": "", **result}
+        row = {**shared, **spec, "median_s": "", "min_s": "", "floor_s": "", "peak_extra_mb": ""}
+        row.update(result)
         row["device"] = args.device
         rows.append({k: row[k] for k in FIELDS})
         # written case by case, so an interrupted run keeps what it measured

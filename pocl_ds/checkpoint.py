@@ -185,18 +185,16 @@ class CheckpointManager:
             skipped.append(str(self.root / tag))
         return None
 
-    def load(self, engine: Any, tag: str, *, load_optimizer: bool = True) -> dict[str, Any]:
-        """Restore the engine and this rank's RNG; return the trainer state."""
+    def load(self, engine: Any, tag: str, *, restore_rng: bool = True) -> dict[str, Any]:
+        """Restore the engine (always whole: under ZeRO-3 the weights live in the optimizer's
+        partitions, so a module-only load would silently keep the current weights) and, on
+        resume, this rank's RNG; return the trainer state."""
         directory = self.root / tag
-        engine.load_checkpoint(
-            str(self.root),
-            tag=tag,
-            load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=load_optimizer,
-            load_module_only=not load_optimizer,
-        )
+        loaded, _ = engine.load_checkpoint(str(self.root), tag=tag)
+        if loaded is None:
+            raise PoclError(f"checkpoint {directory}: DeepSpeed could not load it")
         state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
-        if load_optimizer:
+        if restore_rng:
             rng_file = directory / f"rng_rank{distributed.rank()}.pt"
             if rng_file.is_file():
                 set_rng_state(torch.load(rng_file, weights_only=False))

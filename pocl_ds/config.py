@@ -412,11 +412,22 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML recipe, apply ``section.key=value`` overrides, validate."""
-    path = Path(path)
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key in SECTIONS:
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's sections, with those of its ``base:`` recipe (a path relative to it) below."""
     if not path.is_file():
         raise PoclError(f"--config {path}: no such recipe file")
+    if path.resolve() in chain:
+        raise PoclError(f"{path}: base recipes form a cycle")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -425,6 +436,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         data = {}
     if not isinstance(data, dict):
         raise PoclError(f"{path}: expected a mapping of sections at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise PoclError(f"{path}: base: expected the path of a recipe, got {base!r}")
+    return _merge(_read_recipe(path.parent / base, (*chain, path.resolve())), data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML recipe (and its ``base:`` chain), apply ``section.key=value`` overrides,
+    validate."""
+    data = _read_recipe(Path(path))
     for dotted, value in parse_overrides(overrides or []).items():
         _set_dotted(data, dotted, value)
     return from_dict(data)

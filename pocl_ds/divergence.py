@@ -45,13 +45,15 @@ logger = logging.getLogger(__name__)
 KINDS = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
 DEFAULT_BETA = {"jsd": 0.5, "skl": 0.1, "srkl": 0.1}
 
-# Rows of logits per chunk. Two fp32 chunk buffers (student, teacher) live at a time: at
-# V = 50257 that is 2 × 206 MB for 1024 rows. Measured on 2 CPU cores (N = 4096, H = 768):
-# 1024 keeps the matmuls at full speed; smaller chunks re-read the head weights more often.
+# Rows of logits per chunk. Two fp32 chunk buffers (student, teacher) live at a time, plus a
+# third with labels: at V = 50257 that is 206 MB each for 1024 rows, against the 2 GB (N = 1024)
+# to 8.5 GB (N = 4096) a naive implementation peaks at. Smaller chunks re-read the head weights
+# more often (each chunk streams W through four matmuls), which costs matmul speed on CPU.
 DEFAULT_CHUNK_SIZE = 1024
 
-# Elementwise work runs on row blocks of about this many elements so the handful of passes
-# over a block hit the CPU cache instead of memory (on accelerators a block is the chunk).
+# On CPU the elementwise work runs on row blocks of about this many elements (2 MB in fp32), so
+# the ~20 passes over a block hit the cache instead of memory; on accelerators a block is the
+# whole chunk (there, launches cost more than memory traffic).
 _CPU_BLOCK_ELEMENTS = 1 << 19
 
 IGNORE_INDEX = -100
@@ -108,22 +110,24 @@ def _check_chunk_size(chunk_size: int) -> int:
 
 
 def _divisor(num_valid_tokens: float | Tensor | None, local_count: int) -> float | Tensor:
-    """The token count the summed divergence is divided by, clamped at 1.
+    """What the summed divergence is divided by.
 
-    A float is allowed: a trainer whose engine averages over ranks and micro-batches passes
-    global_tokens / (world × accumulation).
+    Default: this call's valid-token count, clamped at 1. A given value is used as it is (a
+    trainer whose engine averages over ranks and micro-batches passes global_tokens /
+    (world × accumulation), which may be below 1); 0 (no valid token anywhere) becomes 1.
     """
     if num_valid_tokens is None:
         return float(max(local_count, 1))
     if isinstance(num_valid_tokens, Tensor):
         if num_valid_tokens.numel() != 1:
             raise PoclError("num_valid_tokens must be a scalar; pass the global valid-token count")
-        return num_valid_tokens.detach().reshape(()).to(torch.float32).clamp_min(1.0)
+        value = num_valid_tokens.detach().reshape(()).to(torch.float32)
+        return torch.where(value > 0, value, torch.ones_like(value))
     if isinstance(num_valid_tokens, bool) or not isinstance(num_valid_tokens, (int, float)):
         raise PoclError(f"num_valid_tokens={num_valid_tokens!r} must be a number or a 0-d tensor")
     if not (math.isfinite(num_valid_tokens) and num_valid_tokens >= 0):
         raise PoclError(f"num_valid_tokens={num_valid_tokens} must be finite and >= 0")
-    return float(max(num_valid_tokens, 1))
+    return float(num_valid_tokens) if num_valid_tokens > 0 else 1.0
 
 
 def _flat_rows(x: Tensor, name: str) -> Tensor:
@@ -399,7 +403,7 @@ class _HeadGrads:
         else:
             low = grad.to(weight.dtype)
             out.copy_(low @ weight)
-            self.weight[:vocab].add_(low.t() @ (hidden * factor.to(hidden.dtype)))
+            self.weight[:vocab].add_(low.t() @ (hidden.float() * factor).to(weight.dtype))
         out.mul_(factor)
         if self.bias is not None:
             self.bias[:vocab].addmv_(grad.t().to(self.bias.dtype), factor.reshape(-1))
@@ -423,6 +427,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         scale_by_temperature_squared: bool,
         divisor: float | Tensor,
         chunk_size: int,
+        grads_wanted: bool,
     ) -> tuple[Tensor, Tensor]:
         num_rows = student_hidden.shape[0]
         # No teacher (SFT through the same chunked path): the student's own width.
@@ -431,7 +436,8 @@ class _FusedLinearDistill(torch.autograd.Function):
             vocab = min(vocab, teacher_weight.shape[0])
         device = student_hidden.device
         dtype = _compute_dtype(student_hidden, student_weight)
-        need_grad = any(ctx.needs_input_grad[:3])
+        # needs_input_grad is also set under torch.no_grad(); grads_wanted says if grad mode was on
+        need_grad = grads_wanted and any(ctx.needs_input_grad[:3])
         with_ce = labels is not None
         ws = student_weight[:vocab]
         bs = student_bias[:vocab] if student_bias is not None else None
@@ -540,7 +546,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             grad_hidden.to(hidden_dtype),
             grad_weight.to(weight_dtype),
             grad_bias,
-            *([None] * 9),
+            *([None] * 10),
         )
 
 
@@ -559,12 +565,13 @@ class _DistillLogits(torch.autograd.Function):
         scale_by_temperature_squared: bool,
         divisor: float | Tensor,
         chunk_size: int,
+        grads_wanted: bool,
     ) -> Tensor:
         vocab = min(student_logits.shape[1], teacher_logits.shape[1])
         device = student_logits.device
         dtype = _compute_dtype(student_logits, teacher_logits)
         num_valid = valid_index.numel()
-        need_grad = ctx.needs_input_grad[0] and div.kind != "zero"
+        need_grad = grads_wanted and ctx.needs_input_grad[0] and div.kind != "zero"
         grad_logits = torch.zeros_like(student_logits) if need_grad else None
         rows = min(chunk_size, max(num_valid, 1))
         student_buf = torch.empty(rows, vocab, dtype=dtype, device=device)
@@ -601,10 +608,10 @@ class _DistillLogits(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if ctx.grad_logits is None:
             shape, dtype, device = ctx.meta
-            return torch.zeros(shape, dtype=dtype, device=device), *([None] * 7)
+            return torch.zeros(shape, dtype=dtype, device=device), *([None] * 8)
         # out of place: a second backward (retain_graph, gradcheck) must see the same gradient
         factor = (grad_loss * ctx.grad_scale / ctx.divisor).to(ctx.grad_logits.dtype)
-        return ctx.grad_logits * factor, *([None] * 7)
+        return ctx.grad_logits * factor, *([None] * 8)
 
 
 def distill_loss(
@@ -633,7 +640,8 @@ def distill_loss(
         scale_by_temperature_squared: multiply by τ² (SPEC default) so gradient magnitudes do
             not shrink as τ grows.
         num_valid_tokens: divisor; pass the global valid-token count of the whole batch
-            (micro-batches × ranks). Default: this call's count. Clamped at 1.
+            (micro-batches × ranks), or that count over world × accumulation when the engine
+            averages. Default: this call's count, clamped at 1. 0 counts as 1.
 
     Returns:
         0-d fp32 tensor (fp64 for fp64 inputs).
@@ -659,6 +667,7 @@ def distill_loss(
         scale_by_temperature_squared,
         divisor,
         chunk_size,
+        torch.is_grad_enabled(),
     )
 
 
@@ -772,6 +781,7 @@ def fused_linear_distill_loss(
         scale_by_temperature_squared,
         divisor,
         chunk_size,
+        torch.is_grad_enabled(),
     )
     return (kd_loss, ce_loss) if labels is not None else kd_loss
 
@@ -790,6 +800,13 @@ def gathered_head(*params: Tensor | None) -> Iterator[None]:
     Parameters that are not partitioned (no `ds_id`) or None pass through untouched.
     """
     partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if partitioned:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        # A parameter the engine's forward already gathered (a tied embedding, still active
+        # in its submodule) must not be gathered again: releasing it at the block's end would
+        # free it under that submodule. DeepSpeed releases it after the forward as usual.
+        partitioned = [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     if not partitioned:
         yield
         return

@@ -31,7 +31,7 @@ from pocl_ds.curriculum import (
     shard_indices,
     single_stage_plan,
 )
-from pocl_ds.data import TokenizedSample, collate_for_training
+from pocl_ds.data import TokenizedSample, collate_for_training, load_instructions
 from pocl_ds.difficulty import measure_difficulty
 from pocl_ds.divergence import gathered_head
 from pocl_ds.engine import (
@@ -43,6 +43,7 @@ from pocl_ds.engine import (
     zero_stage,
 )
 from pocl_ds.errors import PoclError
+from pocl_ds.evaluate import evaluate_model, report_to_json, write_report
 from pocl_ds.generation import distributed_generate
 from pocl_ds.metrics import rouge_l
 from pocl_ds.models import final_hidden_states, output_head
@@ -65,6 +66,15 @@ class Position:
     samples_seen: int = 0
     skipped_steps: int = 0
     best_metric: float | None = None
+
+
+def _without_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with every label masked: its loss and gradient are exactly zero."""
+    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+
+
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    return distributed.all_reduce_sum(float(not torch.isfinite(loss.detach()))) == 0
 
 
 def seed_everything(seed: int) -> None:
@@ -304,43 +314,55 @@ class Trainer:
         sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
         input_tokens = 0
         skipped = False
-        for batch, samples in zip(collated, micro_batches, strict=True):
-            teacher_hidden, teacher_head = self._teacher_inputs(batch)
-            terms = self.engine(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["labels"],
-                teacher_hidden=teacher_hidden,
-                teacher_head=teacher_head,
-                kind="jsd" if cfg.distill.method == "gkd" else cfg.distill.divergence,
-                temperature=plan.temperature,
-                beta=cfg.distill.beta,
-                sft_weight=plan.sft_weight,
-                num_valid_tokens=divisor,
-                scale_by_temperature_squared=cfg.distill.scale_by_temperature_squared,
-            )
-            finite = distributed.all_reduce_sum(float(not torch.isfinite(terms.loss))) == 0
-            if not finite:
+        for position, (batch, samples) in enumerate(zip(collated, micro_batches, strict=True)):
+            if skipped:
+                batch = _without_targets(batch)
+            terms = self._loss_terms(plan, batch, divisor)
+            if not skipped and not _finite_on_every_rank(terms.loss):
                 self._non_finite(plan, samples)
+                # Keep DeepSpeed's accumulation counters in step: the rest of this step's
+                # micro-batches still run forward/backward, with no target tokens, so they add
+                # zero gradient; and the optimizer step is taken at learning rate 0, so the
+                # parameters do not move.
                 skipped = True
-                break
+                batch = _without_targets(batch)
+                terms = self._loss_terms(plan, batch, divisor)
+            if skipped and position == len(collated) - 1:
+                set_learning_rate(self.engine, 0.0)
             self.engine.backward(terms.loss)
             self.engine.step()
             for key in sums:
                 sums[key] += float(getattr(terms, key).detach())
             input_tokens += int(batch["attention_mask"].sum())
-        totals = {k: distributed.all_reduce_sum(v) / self.world for k, v in sums.items()}
+        # Each micro-batch term is (its token sum) × world × accumulation / (global tokens).
+        scale = self.world * cfg.train.gradient_accumulation_steps
+        totals = {k: distributed.all_reduce_sum(v) / scale for k, v in sums.items()}
         elapsed = time.perf_counter() - started
         tokens = distributed.all_reduce_sum(input_tokens)
         return {
-            **{
-                k: v * self.world * cfg.train.gradient_accumulation_steps for k, v in totals.items()
-            },
-            "lr": lr,
+            **totals,
+            "lr": 0.0 if skipped else lr,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "skipped": skipped,
             "samples": int(distributed.all_reduce_sum(sum(len(mb) for mb in micro_batches))),
         }
+
+    def _loss_terms(self, plan: Any, batch: dict[str, torch.Tensor], divisor: float) -> Any:
+        cfg = self.config
+        teacher_hidden, teacher_head = self._teacher_inputs(batch)
+        return self.engine(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            teacher_hidden=teacher_hidden,
+            teacher_head=teacher_head,
+            kind="jsd" if cfg.distill.method == "gkd" else cfg.distill.divergence,
+            temperature=plan.temperature,
+            beta=cfg.distill.beta,
+            sft_weight=plan.sft_weight,
+            num_valid_tokens=divisor,
+            scale_by_temperature_squared=cfg.distill.scale_by_temperature_squared,
+        )
 
     def _non_finite(self, plan: Any, samples: list[TokenizedSample]) -> None:
         where = (
@@ -457,6 +479,8 @@ class Trainer:
         )
         bar = telemetry.progress(total=self.total_steps, desc="train", unit="step")
         bar.update(self.position.global_step)
+        if self.position.global_step == 0:  # the starting point of the validation curves
+            self.metrics.log({"stage": 1, "epoch": 0, "step": 0, **self.validate()})
         self.engine.module.train()
         train_started = time.perf_counter()
         while not self.controller.finished:
@@ -555,11 +579,43 @@ class Trainer:
         known = {s.index: s.difficulty for s in self.data.train_raw if s.difficulty is not None}
         return telemetry.plot_difficulty(records, self.out / "difficulty.png", known or None)
 
+    def _evaluate_at_end(self) -> dict[str, Any] | None:
+        """ROUGE-L of the best student on the eval suites × seeds (the paper's protocol)."""
+        cfg = self.config.eval
+        if not cfg.evaluate_at_end:
+            return None
+        if cfg.suites:
+            suites = {
+                name: load_instructions(path, data_format=self.config.data.format)
+                for name, path in cfg.suites.items()
+            }
+        elif self.data.test_raw:
+            suites = {"test": self.data.test_raw}
+        else:
+            logger.info("no test split and no eval.suites: skipping the final evaluation")
+            return None
+        started = time.perf_counter()
+        report = evaluate_model(
+            self.engine.module.model,
+            self.tokenizer,
+            suites,
+            name=self.out.name,
+            seeds=cfg.seeds,
+            greedy=cfg.greedy,
+            batch_size=cfg.batch_size,
+            max_total_length=cfg.max_total_length,
+            synced_gpus=self.zero3,
+        )
+        self.timings["evaluation"] = time.perf_counter() - started
+        write_report(report, self.out / "eval")
+        return report_to_json(report)
+
     def _finish(self, run_started: float) -> dict[str, Any]:
         best = distributed.broadcast_object(self.checkpoints.best())
         if best is not None:
-            self.checkpoints.load(self.engine, best["tag"], load_optimizer=False)
+            self.checkpoints.load(self.engine, best["tag"], restore_rng=False)
         final = export_pretrained(self.engine, self.tokenizer, self.out / "final")
+        evaluation = self._evaluate_at_end()
         summary: dict[str, Any] = {
             "output_dir": str(self.out),
             "final": str(final),
@@ -567,6 +623,7 @@ class Trainer:
             "best_val_rouge_l": None if best is None else best["metric"],
             "timings": self.timings,
             "wall_s": time.perf_counter() - run_started,
+            "eval": evaluation,
         }
         if distributed.is_main_process():
             records = telemetry.read_metrics(self.out / "metrics.jsonl")

@@ -12,12 +12,12 @@ from pocl_ds.engine import build_ds_config
 from pocl_ds.errors import PoclError
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = sorted((REPO / "launch" / "configs").glob("*.yaml"))
+RECIPES = sorted((REPO / "launch" / "configs").rglob("*.yaml"))
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 TINY = REPO / "launch" / "configs" / "tiny.yaml"
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_recipe_loads(recipe):
     config = load_config(recipe)
     assert isinstance(config, ExperimentConfig)

@@ -102,6 +102,10 @@ def make_case(n, h, vocab_s, vocab_t=None, *, dtype=torch.float32, seed=0, sprea
     return case
 
 
+def scalar(tensor: torch.Tensor) -> float:
+    return float(tensor.detach())
+
+
 def grads_of(loss, *tensors):
     return torch.autograd.grad(loss, tensors, allow_unused=True)
 
@@ -285,7 +289,7 @@ def test_ce_only_without_teacher():
         c["h_s"], c["w_s"], None, None, c["mask"], kind="fkl", labels=labels
     )
     ref = naive_ce(c["h_s"] @ c["w_s"].t(), labels, c["mask"], 50)
-    assert float(kd) == 0.0
+    assert scalar(kd) == 0.0
     assert_close(ce, ref, 1e-5, "ce")
     for g, w in zip(
         grads_of(ce, c["h_s"], c["w_s"]), grads_of(ref, c["h_s"], c["w_s"]), strict=True
@@ -301,13 +305,13 @@ def test_identical_distributions_give_zero(kind, beta):
     logits = torch.randn(17, 64) * 4
     student = logits.clone().requires_grad_()
     loss = distill_loss(student, logits, torch.ones(17), kind=kind, beta=beta, temperature=2.0)
-    assert abs(float(loss)) < 1e-6
+    assert abs(scalar(loss)) < 1e-6
     if kind != "tvd":  # |p − q| has no gradient at p = q; its subgradient here is arbitrary
         assert grads_of(loss, student)[0].abs().max() < 1e-6
     w = torch.randn(64, 8).requires_grad_()
     h = torch.randn(17, 8)
     fused = fused_linear_distill_loss(h, w, h, w.detach(), torch.ones(17), kind=kind, beta=beta)
-    assert abs(float(fused)) < 1e-6
+    assert abs(scalar(fused)) < 1e-6
 
 
 def test_beta_endpoints():
@@ -321,16 +325,16 @@ def test_beta_endpoints():
 
     for beta in (0.0, 1.0):
         out = loss("jsd", beta)
-        assert float(out) == 0.0 and not grads_of(out, student)[0].any()
+        assert scalar(out) == 0.0 and not grads_of(out, student)[0].any()
     for kind in ("skl", "srkl"):
         out = loss(kind, 1.0)
-        assert float(out) == 0.0 and not grads_of(out, student)[0].any()
-    assert float(loss("skl", 0.0)) == float(loss("fkl", None))
-    assert float(loss("srkl", 0.0)) == float(loss("rkl", None))
+        assert scalar(out) == 0.0 and not grads_of(out, student)[0].any()
+    assert scalar(loss("skl", 0.0)) == scalar(loss("fkl", None))
+    assert scalar(loss("srkl", 0.0)) == scalar(loss("rkl", None))
     # and the limits are continuous: β → 0 approaches fkl / rkl, β → 1 approaches 0
-    assert math.isclose(float(loss("skl", 1e-6)), float(loss("fkl", None)), rel_tol=1e-4)
-    assert math.isclose(float(loss("srkl", 1e-6)), float(loss("rkl", None)), rel_tol=1e-4)
-    assert float(loss("jsd", 1e-6)) < 1e-4 and float(loss("skl", 1 - 1e-6)) < 1e-4
+    assert math.isclose(scalar(loss("skl", 1e-6)), scalar(loss("fkl", None)), rel_tol=1e-4)
+    assert math.isclose(scalar(loss("srkl", 1e-6)), scalar(loss("rkl", None)), rel_tol=1e-4)
+    assert scalar(loss("jsd", 1e-6)) < 1e-4 and scalar(loss("skl", 1 - 1e-6)) < 1e-4
     assert resolve_divergence("fkl", 0.7).kind == "fkl"  # β ignored where unused
 
 
@@ -396,12 +400,12 @@ def test_all_tokens_masked_give_zero_and_zero_grads(kind):
     kd, ce = fused_linear_distill_loss(
         c["h_s"], c["w_s"], c["h_t"], c["w_t"], mask, kind=kind, labels=torch.zeros(8).long()
     )
-    assert float(kd) == 0.0 and float(ce) == 0.0
+    assert scalar(kd) == 0.0 and scalar(ce) == 0.0
     g_h, g_w = grads_of(kd + ce, c["h_s"], c["w_s"])
     assert g_h.shape == c["h_s"].shape and not g_h.any() and not g_w.any()
     logits = torch.randn(8, 30, requires_grad=True)
     out = distill_loss(logits, torch.randn(8, 30), mask, kind=kind)
-    assert float(out) == 0.0 and not grads_of(out, logits)[0].any()
+    assert scalar(out) == 0.0 and not grads_of(out, logits)[0].any()
 
 
 @pytest.mark.parametrize(("kind", "beta"), KIND_BETAS)
@@ -456,6 +460,11 @@ def test_global_normalisation_by_valid_tokens():
         assert_close(g, w, 1e-4, "grad")
     logits = distill_loss(h_s @ w_s.t(), h_t @ w_t.t(), mask, kind="jsd", temperature=2.0)
     assert_close(logits, ref, 1e-5, "distill_loss")
+    # a divisor below 1 (global count / (ranks × accumulation) of a tiny batch) is kept as is
+    half = distill_loss(
+        h_s @ w_s.t(), h_t @ w_t.t(), mask, kind="jsd", temperature=2.0, num_valid_tokens=0.5
+    )
+    assert_close(half, ref * total / 0.5, 1e-5, "divisor 0.5")
 
 
 def test_temperature_squared_switch():
@@ -464,7 +473,7 @@ def test_temperature_squared_switch():
     off = distill_loss(
         student, teacher, mask, kind="rkl", temperature=2.0, scale_by_temperature_squared=False
     )
-    assert math.isclose(float(on), 4.0 * float(off), rel_tol=1e-6)
+    assert math.isclose(scalar(on), 4.0 * scalar(off), rel_tol=1e-6)
 
 
 def test_user_errors_name_the_argument():
@@ -488,6 +497,22 @@ def test_user_errors_name_the_argument():
         fused_linear_distill_loss(h, w, h, w, mask, kind="fkl", labels=torch.tensor([1, 2, 3, 10]))
     with pytest.raises(PoclError, match="teacher_head_weight"):
         fused_linear_distill_loss(h, w, h, torch.randn(10, 4), mask, kind="fkl")
+
+
+def test_no_grad_mode_gives_the_same_loss():
+    c = make_case(19, 8, 60)
+    labels = torch.randint(0, 60, (19,))
+    kwargs = {"kind": "srkl", "temperature": 2.0, "labels": labels, "chunk_size": 8}
+    with_grad = fused_linear_distill_loss(
+        c["h_s"], c["w_s"], c["h_t"], c["w_t"], c["mask"], **kwargs
+    )
+    with torch.no_grad():
+        without = fused_linear_distill_loss(
+            c["h_s"], c["w_s"], c["h_t"], c["w_t"], c["mask"], **kwargs
+        )
+    assert not without[0].requires_grad
+    for a, b in zip(with_grad, without, strict=True):
+        assert scalar(a) == scalar(b)
 
 
 def test_gathered_head_passes_plain_tensors_through():
@@ -567,7 +592,7 @@ def _zero_worker(out_path: str) -> None:
             if not grads:  # the tied weight's full gradient (embedding + head) of step 1
                 grads.append(safe_get_full_grad(engine.module.lm_head.weight).clone())
             engine.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         weight = engine.module.lm_head.weight
         with gathered_head(weight):
             final = weight.detach().clone()

@@ -1,0 +1,666 @@
+"""The KD training step: pocl_ds's fused step against a naive full-logits step, side by side.
+
+    python launch/bench_train.py [--models tiny small] [--zero 1 2 3] [--ranks 1 2] [--quick]
+    python launch/bench.py train [--quick] ...   (the same, through the dispatcher)
+
+Two GPT-2-shaped teacher/student pairs with the GPT-2 vocabulary (50257 ids, random tokens):
+
+    tiny   teacher H128 L4, student H64 L2, micro batch 4 x 128 tokens per rank
+    small  teacher H256 L4, student H128 L2, micro batch 4 x 256 tokens per rank
+
+and two implementations of one optimizer step, both on the same DeepSpeed engine (client
+AdamW, ``ds_configs/zeroN.json`` filled by ``pocl_ds.engine.build_ds_config``):
+
+    fused  pocl_ds: ``DistillationObjective`` (the chunked fused-linear kernel) inside the
+           engine, teacher final hidden states under no_grad, as ``Trainer._train_step`` runs it
+    naive  the reference, written here: full [B, T, V] logits of student and teacher,
+           fp32 log-softmax, forward KL, α·CE, autograd
+
+Loss: α·CE + (1 − α)·τ²·KL(p_τ ‖ q_τ), α = 0.5, τ = 2, the first quarter of every sequence a
+prompt (label −100). Dropout is off, so both implementations see the same numbers and their
+first-step losses must agree (checked). Each case (pair × implementation × ZeRO stage ×
+ranks) runs in a fresh process (2 ranks: ``torchrun --standalone``), with torch threads =
+CPUs / ranks. It times ``--warmup`` untimed and ``--steps`` timed optimizer steps; per step
+the slowest rank's time of each phase (teacher forward; student forward with the loss;
+backward; optimizer step) counts, and the median over steps is reported. Generation is a
+batched ``pocl_ds.generation.generate`` of the trained student (one prompt per micro-batch
+row, 16 prompt and ``--new-tokens`` new tokens), timed once, the same for both.
+
+Peak memory per rank: the rise of resident memory (VmHWM, reset through
+/proc/self/clear_refs) over the resident memory once models, engine, teacher and batches are
+built, across the training steps (not the generation); glibc is told to map every block of
+1 MiB or more directly, so freed tensors leave RSS at once. The largest rank counts. On
+CUDA: ``max_memory_allocated`` over ``memory_allocated`` at the same point.
+
+Rows are appended to benchmarks/train.csv (machine, versions, commit, sizes, timings); the
+table of the CSV's latest run is printed with the targets' PASS/FAIL lines and written to
+benchmarks/train.md, and benchmarks/train.png is drawn from the same rows.
+"""
+
+import argparse
+import csv
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "launch"))
+
+from bench_kernel import _commit, _machine, _reset_peak_rss, _rss_mb  # noqa: E402
+
+from pocl_ds.cli import ArgumentParser, run_main  # noqa: E402
+from pocl_ds.errors import PoclError  # noqa: E402
+
+VOCAB = 50257
+PAIRS = {
+    "tiny": {
+        "teacher": {"hidden_size": 128, "num_layers": 4, "num_heads": 4},
+        "student": {"hidden_size": 64, "num_layers": 2, "num_heads": 2},
+        "batch": 4,
+        "seq": 128,
+    },
+    "small": {
+        "teacher": {"hidden_size": 256, "num_layers": 4, "num_heads": 4},
+        "student": {"hidden_size": 128, "num_layers": 2, "num_heads": 2},
+        "batch": 4,
+        "seq": 256,
+    },
+}
+IMPLS = ("fused", "naive")
+KIND = "fkl"
+TEMPERATURE = 2.0
+SFT_WEIGHT = 0.5
+PROMPT_TOKENS = 16
+RESULT_TAG = "BENCH_TRAIN_RESULT "
+PHASES = ("teacher_fwd_s", "student_fwd_s", "student_bwd_s", "optimizer_s", "step_s")
+FIELDS = [
+    "timestamp", "commit", "machine", "device", "torch", "deepspeed", "transformers", "model",
+    "teacher", "student", "vocab", "batch", "seq", "prompt_fraction", "impl", "zero", "ranks",
+    "threads", "chunk_size", "kind", "temperature", "sft_weight", "warmup", "steps",
+    *PHASES, "steps_per_s", "tokens_per_s", "generate_s", "generate_tokens_per_s",
+    "peak_extra_mb", "baseline_mb", "first_loss", "status",
+]  # fmt: skip
+
+
+def _describe(shape: dict) -> str:
+    return f"gpt2 H{shape['hidden_size']} L{shape['num_layers']}"
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def _naive_objective_class():
+    """The reference module, built on first use so the driver never imports torch."""
+    import torch
+    import torch.nn.functional as F
+
+    from pocl_ds.objective import LossTerms
+
+    class NaiveDistillation(torch.nn.Module):
+        """Reference KD loss from full logits: [B, T, V] of student and teacher in memory."""
+
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            labels: torch.Tensor,
+            *,
+            teacher_logits: torch.Tensor,
+            temperature: float,
+            sft_weight: float,
+            num_valid_tokens: float,
+        ) -> LossTerms:
+            """input_ids, attention_mask, labels: [B, T]; teacher_logits: [B, T, V]."""
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
+            logits = logits[:, :-1].float()
+            targets = labels[:, 1:]
+            mask = targets.ne(-100).float()
+            log_q = F.log_softmax(logits / temperature, dim=-1)
+            log_p = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+            kd = (kl * mask).sum() * temperature**2 / num_valid_tokens
+            ce = (
+                F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    targets.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+                / num_valid_tokens
+            )
+            loss = sft_weight * ce + (1.0 - sft_weight) * kd
+            return LossTerms(loss=loss, kd=kd.detach(), ce=ce.detach())
+
+    return NaiveDistillation
+
+
+def _model(shape: dict, seq: int, seed: int):
+    from pocl_ds.models import load_causal_lm
+
+    # Dropout off: the two implementations then compute the same loss on the same weights.
+    config = {"family": "gpt2", **shape, "max_positions": seq + 64}
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return load_causal_lm(inline_config=config, vocab_size=VOCAB, seed=seed)
+
+
+def _batches(spec: dict, rank: int, device) -> list[dict]:
+    """Random token batches of this rank: input_ids, attention_mask, labels [B, T]."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1000 + rank)
+    batch, seq = spec["batch"], spec["seq"]
+    prompt = int(seq * spec["prompt_fraction"])
+    out = []
+    for _ in range(spec["warmup"] + spec["steps"]):
+        ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        out.append(
+            {
+                "input_ids": ids.to(device),
+                "attention_mask": torch.ones_like(ids).to(device),
+                "labels": labels.to(device),
+            }
+        )
+    return out
+
+
+def _max_over_ranks(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    from pocl_ds import distributed
+
+    if distributed.world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if torch.cuda.is_available():
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def _train_step(spec: dict, engine, teacher, batch: dict, world: int) -> tuple[list[float], float]:
+    """One optimizer step; returns the phase times (PHASES order) and the step's loss."""
+    import torch
+
+    from pocl_ds import distributed
+    from pocl_ds.divergence import gathered_head
+    from pocl_ds.models import final_hidden_states, output_head
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    distributed.barrier()
+    sync()
+    start = time.perf_counter()
+    # The trainer's divisor: the gradient is that of the mean over the global batch's tokens.
+    global_tokens = distributed.all_reduce_sum(int(batch["labels"][:, 1:].ne(-100).sum()))
+    divisor = max(global_tokens, 1.0) / world
+    inputs = (batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        if spec["impl"] == "fused":  # Trainer._teacher_inputs
+            hidden = final_hidden_states(teacher, *inputs)
+            weight, bias = output_head(teacher)
+            with gathered_head(weight, bias):
+                head = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+        else:
+            logits = teacher(input_ids=inputs[0], attention_mask=inputs[1], use_cache=False).logits
+    sync()
+    teacher_done = time.perf_counter()
+    if spec["impl"] == "fused":
+        terms = engine(
+            *inputs,
+            batch["labels"],
+            teacher_hidden=hidden,
+            teacher_head=head,
+            kind=KIND,
+            temperature=TEMPERATURE,
+            beta=None,
+            sft_weight=SFT_WEIGHT,
+            num_valid_tokens=divisor,
+        )
+    else:
+        terms = engine(
+            *inputs,
+            batch["labels"],
+            teacher_logits=logits,
+            temperature=TEMPERATURE,
+            sft_weight=SFT_WEIGHT,
+            num_valid_tokens=divisor,
+        )
+    if distributed.all_reduce_sum(float(not torch.isfinite(terms.loss))) != 0:
+        raise RuntimeError(f"non-finite loss in the {spec['impl']} step")
+    sync()
+    forward_done = time.perf_counter()
+    engine.backward(terms.loss)
+    sync()
+    backward_done = time.perf_counter()
+    engine.step()
+    sync()
+    end = time.perf_counter()
+    phases = [
+        teacher_done - start,
+        forward_done - teacher_done,
+        backward_done - forward_done,
+        end - backward_done,
+        end - start,
+    ]
+    return _max_over_ranks(phases), distributed.all_reduce_sum(float(terms.loss))
+
+
+def run_case(spec: dict) -> dict | None:
+    """Build and time one case on this rank; rank 0 returns the results, the others None."""
+    import torch
+
+    from pocl_ds import distributed
+    from pocl_ds.engine import build_ds_config, create_student_engine, create_teacher
+    from pocl_ds.generation import generate
+    from pocl_ds.objective import DistillationObjective
+
+    torch.set_num_threads(spec["threads"])
+    info = distributed.init_distributed()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
+    pair = PAIRS[spec["model"]]
+    student = _model(pair["student"], spec["seq"], seed=1)
+    teacher = _model(pair["teacher"], spec["seq"], seed=2)
+    ds_config = build_ds_config(
+        f"ds_configs/zero{spec['zero']}.json",
+        micro_batch_size=spec["batch"],
+        gradient_accumulation_steps=1,
+        world_size=info.world_size,
+        precision="fp32",
+        max_grad_norm=1.0,
+    )
+    if spec["impl"] == "fused":
+        module = DistillationObjective(student, chunk_size=spec["chunk_size"])
+    else:
+        module = _naive_objective_class()(student)
+    engine = create_student_engine(module, ds_config, lr=1e-4, weight_decay=0.0)
+    engine.module.train()
+    teacher = create_teacher(
+        teacher,
+        partition=False,
+        dtype=torch.float32,
+        micro_batch_size=spec["batch"],
+        world_size=info.world_size,
+        device=device,
+    )
+    batches = _batches(spec, info.rank, device)
+
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() / 2**20
+    else:
+        baseline = _rss_mb("VmRSS")
+        if not _reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
+    timed, losses = [], []
+    for index, batch in enumerate(batches):
+        phases, loss = _train_step(spec, engine, teacher, batch, info.world_size)
+        losses.append(loss)
+        if index >= spec["warmup"]:
+            timed.append(phases)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20 - baseline
+    else:
+        peak = _rss_mb("VmHWM") - baseline
+    peak, baseline = _max_over_ranks([peak, baseline])
+
+    gen = torch.Generator().manual_seed(2000 + info.rank)
+    prompts = torch.randint(0, VOCAB, (spec["batch"], PROMPT_TOKENS), generator=gen).tolist()
+    distributed.barrier()
+    start = time.perf_counter()
+    generate(
+        engine.module.model,
+        prompts,
+        pad_id=0,
+        eos_id=None,
+        max_new_tokens=spec["new_tokens"],
+        batch_size=spec["batch"],
+        synced_gpus=spec["zero"] == 3 and info.world_size > 1,
+        progress=False,
+    )
+    (generate_s,) = _max_over_ranks([time.perf_counter() - start])
+    if info.rank != 0:
+        return None
+    medians = {name: statistics.median(t[i] for t in timed) for i, name in enumerate(PHASES)}
+    tokens = info.world_size * spec["batch"] * spec["seq"]
+    return {
+        **{name: round(value, 4) for name, value in medians.items()},
+        "steps_per_s": round(1.0 / medians["step_s"], 4),
+        "tokens_per_s": round(tokens / medians["step_s"], 1),
+        "generate_s": round(generate_s, 4),
+        "generate_tokens_per_s": round(
+            info.world_size * spec["batch"] * spec["new_tokens"] / generate_s, 1
+        ),
+        "peak_extra_mb": round(peak, 1),
+        "baseline_mb": round(baseline, 1),
+        "first_loss": losses[0],
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "deepspeed", "transformers")}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from pocl_ds.divergence import DEFAULT_CHUNK_SIZE
+
+    parser = ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--zero", type=int, nargs="+", default=[1, 2, 3], choices=(1, 2, 3))
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], choices=(1, 2))
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt")
+    parser.add_argument("--prompt-fraction", type=float, default=0.25,
+                        help="leading share of each sequence labelled -100")  # fmt: skip
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per case")
+    parser.add_argument("--output-dir", default=str(REPO / "benchmarks"))
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny only, ZeRO-2, 1 rank, 1 warm-up + 1 step"
+    )
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, JSON
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.zero, args.ranks = ["tiny"], [2], [1]
+        args.warmup, args.steps, args.new_tokens = 1, 1, 4
+    if args.steps < 1 or args.warmup < 0 or args.new_tokens < 1 or args.chunk_size < 1:
+        raise PoclError("--steps, --new-tokens and --chunk-size must be >= 1, --warmup >= 0")
+    if not 0.0 <= args.prompt_fraction < 1.0:
+        raise PoclError(f"--prompt-fraction={args.prompt_fraction}: must lie in [0, 1)")
+    return args
+
+
+def _cases(args: argparse.Namespace) -> list[dict]:
+    """Fused next to naive for every pair, rank count and stage, so an interrupted run still
+    holds complete comparisons."""
+    cpus = os.cpu_count() or 1
+    shared = dict(
+        prompt_fraction=args.prompt_fraction, chunk_size=args.chunk_size, warmup=args.warmup,
+        steps=args.steps, new_tokens=args.new_tokens,
+    )  # fmt: skip
+    cases = []
+    for model in args.models:
+        sizes = dict(batch=PAIRS[model]["batch"], seq=PAIRS[model]["seq"])
+        for ranks in args.ranks:
+            for zero in args.zero:
+                for impl in args.impls:
+                    case = dict(model=model, impl=impl, zero=zero, ranks=ranks)
+                    cases.append({**case, "threads": max(1, cpus // ranks), **sizes, **shared})
+    return cases
+
+
+def _run_in_subprocess(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ)
+    # Every block of >= 1 MiB is mmap'ed and unmapped on free, so RSS follows live tensors.
+    env.update(
+        MALLOC_MMAP_THRESHOLD_=str(1 << 20),
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS=str(spec["threads"]),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    # DeepSpeed's CPU communication op compiles once per machine into this cache (launch/env.sh).
+    env.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "pocl_ds" / "torch_extensions")
+    )
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    script = [str(Path(__file__).resolve()), "--case", json.dumps(spec)]
+    if spec["ranks"] > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone"]
+        command = [sys.executable, *launcher, f"--nproc_per_node={spec['ranks']}", *script]
+    else:
+        command = [sys.executable, *script]
+    try:
+        done = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout:.0f}s"}
+    results = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if done.returncode != 0 or not results:
+        tail = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        return {"status": f"failed (exit {done.returncode}): {(tail or ['?'])[-1][:200]}"}
+    return {**json.loads(results[-1][len(RESULT_TAG) :]), "status": "ok"}
+
+
+def latest_run(csv_path: Path) -> list[dict]:
+    """The rows of the CSV's most recent run (they share its timestamp)."""
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise PoclError(f"{csv_path} has no rows; run the benchmark first")
+    return [r for r in rows if r["timestamp"] == rows[-1]["timestamp"]]
+
+
+def _config_key(row: dict) -> tuple[str, str, str]:
+    return row["model"], row["zero"], row["ranks"]
+
+
+def _pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(fused, naive) rows of each configuration where both ran."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    naive = {_config_key(r): r for r in ok if r["impl"] == "naive"}
+    return [
+        (r, naive[_config_key(r)]) for r in ok if r["impl"] == "fused" and _config_key(r) in naive
+    ]
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """PASS/FAIL lines for the two targets and the loss agreement, over every configuration."""
+    pairs = _pairs(rows)
+    if not pairs:
+        return ["FAIL no configuration has both a fused and a naive row (see status column)"]
+
+    def name(row: dict) -> str:
+        return f"{row['model']} ZeRO-{row['zero']} {row['ranks']} rank(s)"
+
+    lines = []
+    checks = [
+        ("throughput", ">= 1.0x naive", 1.0, True, "steps_per_s"),
+        ("peak memory per rank", "<= 0.5x naive", 0.5, False, "peak_extra_mb"),
+    ]
+    for label, target, bound, higher, field in checks:
+        ratios = [(float(f[field]) / float(n[field]), f) for f, n in pairs]
+        worst_ratio, worst = min(ratios, key=lambda x: x[0]) if higher else max(ratios)
+        failed = [f for ratio, f in ratios if (ratio < bound if higher else ratio > bound)]
+        verdict = "FAIL" if failed else "PASS"
+        lines.append(
+            f"{verdict} fused {label} {target}: {len(ratios) - len(failed)}/{len(ratios)} "
+            f"configurations (worst {worst_ratio:.2f}x, {name(worst)})"
+            + (f"; failing: {', '.join(name(f) for f in failed)}" if failed else "")
+        )
+    gaps = [
+        abs(float(f["first_loss"]) - float(n["first_loss"])) / abs(float(n["first_loss"]))
+        for f, n in pairs
+    ]
+    verdict = "PASS" if max(gaps) <= 1e-4 else "FAIL"
+    lines.append(
+        f"{verdict} first-step loss of fused equals naive: largest relative gap {max(gaps):.1e} "
+        "(bound 1e-4)"
+    )
+    return lines
+
+
+def markdown(rows: list[dict]) -> str:
+    first = rows[0]
+    pairs = ", ".join(
+        f"{m} = teacher {_describe(p['teacher'])} / student {_describe(p['student'])}, "
+        f"B={p['batch']} T={p['seq']} per rank"
+        for m, p in PAIRS.items()
+        if any(r["model"] == m for r in rows)
+    )
+    lines = [
+        f"KD training step, V={first['vocab']}, {first['kind']} τ={first['temperature']} "
+        f"α={first['sft_weight']}, prompt share {first['prompt_fraction']}, chunk "
+        f"{first['chunk_size']}; {pairs}. {first['machine']} ({first['device']}), torch "
+        f"{first['torch']}, deepspeed {first['deepspeed']}, transformers "
+        f"{first['transformers']}, commit {first['commit']}, {first['timestamp']}. Median of "
+        f"{first['steps']} steps after {first['warmup']} warm-up; per step the slowest rank's "
+        "phase times. naive = the reference (full-logits KD written in the benchmark). Peak = "
+        "rise of resident memory per rank over the built models and engine, largest rank. "
+        "× naive: fused / naive of the same configuration (throughput: higher is better; "
+        "memory: lower). Generate: student, one 16-token prompt per batch row, "
+        "tokens/s over all ranks.",
+        "",
+        "| model | ZeRO | ranks | impl | steps/s | tokens/s | × naive steps/s | teacher fwd (s) "
+        "| student fwd (s) | backward (s) | optimizer (s) | peak/rank (MB) | × naive memory "
+        "| generate tok/s |",
+        "|:---|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    naive = {_config_key(r): r for r in rows if r["impl"] == "naive" and r["status"] == "ok"}
+    for r in rows:
+        head = f"| {r['model']} | {r['zero']} | {r['ranks']} | {r['impl']} "
+        if r["status"] != "ok":
+            lines.append(head + f"| {r['status']} |" + " |" * 11)
+            continue
+        ref = naive.get(_config_key(r))
+        x_speed = x_memory = ""
+        if ref and r["impl"] != "naive":
+            x_speed = f"{float(r['steps_per_s']) / float(ref['steps_per_s']):.2f}"
+            x_memory = f"{float(r['peak_extra_mb']) / float(ref['peak_extra_mb']):.2f}"
+        lines.append(
+            head + f"| {float(r['steps_per_s']):.3f} | {float(r['tokens_per_s']):.0f} | {x_speed} "
+            f"| {float(r['teacher_fwd_s']):.3f} | {float(r['student_fwd_s']):.3f} "
+            f"| {float(r['student_bwd_s']):.3f} | {float(r['optimizer_s']):.3f} "
+            f"| {float(r['peak_extra_mb']):.0f} | {x_memory} "
+            f"| {float(r['generate_tokens_per_s']):.0f} |"
+        )
+    return "\n".join(lines) + "\n\n" + "\n".join(verdicts(rows)) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Steps/s, peak memory per rank and the step's time split, fused next to naive."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    configs = list(dict.fromkeys(_config_key(r) for r in ok))
+    labels = [f"{m}\nZ{z} {n}r" for m, z, n in configs]
+    by_key = {(_config_key(r), r["impl"]): r for r in ok}
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in ok)]
+    width = 0.8 / max(len(impls), 1)
+    fig, axes = plt.subplots(3, 1, figsize=(max(8, 0.9 * len(configs) + 3), 11))
+    split = ("teacher_fwd_s", "student_fwd_s", "student_bwd_s", "optimizer_s")
+    colors = ("tab:gray", "tab:blue", "tab:orange", "tab:green")
+    for offset, impl in enumerate(impls):
+        xs = [i + (offset - (len(impls) - 1) / 2) * width for i in range(len(configs))]
+        rows_of = [by_key.get((key, impl)) for key in configs]
+
+        def values(field: str, rows_of=rows_of) -> list[float]:
+            return [float(r[field]) if r else 0.0 for r in rows_of]
+
+        hatch = "//" if impl == "naive" else None
+        axes[0].bar(xs, values("steps_per_s"), width, label=impl, hatch=hatch)
+        axes[1].bar(xs, values("peak_extra_mb"), width, label=impl, hatch=hatch)
+        bottom = [0.0] * len(configs)
+        for field, color in zip(split, colors, strict=True):
+            heights = values(field)
+            axes[2].bar(
+                xs, heights, width, bottom=bottom, color=color, hatch=hatch, edgecolor="black",
+                linewidth=0.3, label=f"{field.removesuffix('_s')} ({impl})",
+            )  # fmt: skip
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    titles = (
+        "optimizer steps/s (higher is better)",
+        "peak memory per rank, MB over the built models (lower is better)",
+        "time per step, s: teacher fwd / student fwd+loss / backward / optimizer",
+    )
+    for axis, title in zip(axes, titles, strict=True):
+        axis.set_title(title, fontsize=10)
+        axis.set_xticks(range(len(configs)))
+        axis.set_xticklabels(labels, fontsize=8)
+        axis.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"KD step, fused (pocl_ds) vs naive reference — {rows[0]['timestamp']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.case:
+        result = run_case(json.loads(args.case))
+        if result is not None:
+            print(RESULT_TAG + json.dumps(result), flush=True)
+        return 0
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shared = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "machine": _machine(device),
+        "device": device,
+        **_versions(),
+        "vocab": VOCAB,
+        "kind": KIND,
+        "temperature": TEMPERATURE,
+        "sft_weight": SFT_WEIGHT,
+    }
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    csv_path = output / "train.csv"
+    for spec in _cases(args):
+        sys.stderr.write(
+            f"{spec['model']} ZeRO-{spec['zero']} {spec['ranks']} rank(s) {spec['impl']} ...\n"
+        )
+        sys.stderr.flush()
+        started = time.perf_counter()
+        result = _run_in_subprocess(spec, args.timeout)
+        pair = PAIRS[spec["model"]]
+        row = {
+            **shared, **spec, "teacher": _describe(pair["teacher"]),
+            "student": _describe(pair["student"]), **result,
+        }  # fmt: skip
+        sys.stderr.write(
+            f"  {result['status']}: {result.get('steps_per_s', '-')} steps/s, peak "
+            f"{result.get('peak_extra_mb', '-')} MB ({time.perf_counter() - started:.0f}s)\n"
+        )
+        # written case by case, so an interrupted run keeps what it measured
+        new_file = not csv_path.exists()
+        with csv_path.open("a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in FIELDS})
+    rows = latest_run(csv_path)
+    table = markdown(rows)
+    (output / "train.md").write_text(table, encoding="utf-8")
+    plot(rows, output / "train.png")
+    print(table, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
