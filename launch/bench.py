@@ -5,6 +5,8 @@
     python launch/bench.py generation  [--quick] ...   generation tokens/s vs batch size, KV cache on/off
     python launch/bench.py difficulty  [--quick] ...   difficulty scoring samples/s on 1 and 2 ranks
 
+    python launch/bench.py readme                      copy benchmarks/*.md tables into README.md
+
 Run ``python launch/bench.py NAME --help`` for a benchmark's own options.
 """
 
@@ -22,6 +24,11 @@ BENCHMARKS = ("kernel", "train", "generation", "difficulty")
 
 
 def main() -> int:
+    if len(sys.argv) == 2 and sys.argv[1] == "readme":
+        from bench_common import refresh_readme
+
+        print("README tables refreshed:", ", ".join(refresh_readme()) or "none")
+        return 0
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
         sys.stderr.write(__doc__)
         return 2

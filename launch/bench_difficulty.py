@@ -13,11 +13,8 @@ written to benchmarks/difficulty.md.
 """
 
 import argparse
-import csv
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import append_rows, provenance, write_table
 
 from pocl_ds.cli import ArgumentParser, run_main
 from pocl_ds.errors import PoclError
@@ -52,19 +52,6 @@ FIELDS = [
 ]
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -194,19 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         return _worker(args)
-    import torch
-    import transformers
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_difficulty_") as tmp:
         work = Path(tmp)
         sizes = _prepare(args, work)
         shared = {
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(),
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            **provenance(),
             "model": f"gpt2 L{args.layers} H{args.hidden}",
             **sizes,
             "batch_size": args.batch_size,
@@ -250,17 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["speedup"] = round(base["median_s"] / r["median_s"], 3)
         r["efficiency"] = round(r["speedup"] * base["world_size"] / r["world_size"], 3)
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    csv_path = output / "difficulty.csv"
-    new_file = not csv_path.exists()
-    with csv_path.open("a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows("difficulty", rows, FIELDS, args.output_dir)
     table = _markdown(rows)
-    (output / "difficulty.md").write_text(table, encoding="utf-8")
+    write_table("difficulty", table, args.output_dir)
     print(table, flush=True)
     return 0
 

@@ -11,17 +11,15 @@ table of this run is printed and written to benchmarks/generation.md.
 """
 
 import argparse
-import csv
-import datetime
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import append_rows, provenance, write_table
 
 from pocl_ds.cli import ArgumentParser, run_main
 from pocl_ds.errors import PoclError
@@ -34,27 +32,8 @@ FIELDS = [
 ]  # fmt: skip
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO, capture_output=True, text=True, timeout=10, check=True,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=REPO, capture_output=True, text=True, timeout=10,
-    ).stdout.strip()  # fmt: skip
-    return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def _machine(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} {os.cpu_count()} cpus, {torch.get_num_threads()} threads"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -112,7 +91,6 @@ def _markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
-    import transformers
 
     from pocl_ds.generation import generate
     from pocl_ds.models import load_causal_lm
@@ -134,12 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = torch.randint(low, high + 1, (args.num_prompts,), generator=generator).tolist()
     prompts = [torch.randint(1, args.vocab, (n,), generator=generator).tolist() for n in lengths]
     shared = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "machine": _machine(args.device),
+        **provenance(args.device),
         "device": device.type,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "model": f"gpt2 L{args.layers} H{args.hidden} V{args.vocab}",
         "num_prompts": args.num_prompts,
         "mean_prompt_tokens": round(sum(lengths) / len(lengths), 1),
@@ -185,17 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(
                 f"batch {batch_size:>3} cache {use_cache!s:>5}: {row['tokens_per_s']} tokens/s\n"
             )
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    csv_path = output / "generation.csv"
-    new_file = not csv_path.exists()
-    with csv_path.open("a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows("generation", rows, FIELDS, args.output_dir)
     table = _markdown(rows)
-    (output / "generation.md").write_text(table, encoding="utf-8")
+    write_table("generation", table, args.output_dir)
     print(table, flush=True)
     return 0
 

@@ -19,12 +19,13 @@ AdamW, ``ds_configs/zeroN.json`` filled by ``pocl_ds.engine.build_ds_config``):
 Loss: α·CE + (1 − α)·τ²·KL(p_τ ‖ q_τ), α = 0.5, τ = 2, the first quarter of every sequence a
 prompt (label −100). Dropout is off, so both implementations see the same numbers and their
 first-step losses must agree (checked). Each case (pair × implementation × ZeRO stage ×
-ranks) runs in a fresh process (2 ranks: ``torchrun --standalone``), with torch threads =
-CPUs / ranks. It times ``--warmup`` untimed and ``--steps`` timed optimizer steps; per step
-the slowest rank's time of each phase (teacher forward; student forward with the loss;
-backward; optimizer step) counts, and the median over steps is reported. Generation is a
-batched ``pocl_ds.generation.generate`` of the trained student (one prompt per micro-batch
-row, 16 prompt and ``--new-tokens`` new tokens), timed once, the same for both.
+ranks) runs in a fresh process (2 ranks: ``torchrun --standalone``) with one torch thread per
+rank (``--threads``), so 2 ranks use twice the cores of 1. It times ``--warmup`` untimed and
+``--steps`` timed optimizer steps; per step the slowest rank's time of each phase (teacher
+forward; student forward with the loss; backward; optimizer step) counts, and the median over
+steps is reported. Generation is a batched ``pocl_ds.generation.generate`` of the trained
+student (one 16-token prompt per micro-batch row, ``--new-tokens`` new tokens), timed once,
+the same for both.
 
 Peak memory per rank: the rise of resident memory (VmHWM, reset through
 /proc/self/clear_refs) over the resident memory once models, engine, teacher and batches are
@@ -32,9 +33,10 @@ built, across the training steps (not the generation); glibc is told to map ever
 1 MiB or more directly, so freed tensors leave RSS at once. The largest rank counts. On
 CUDA: ``max_memory_allocated`` over ``memory_allocated`` at the same point.
 
-Rows are appended to benchmarks/train.csv (machine, versions, commit, sizes, timings); the
-table of the CSV's latest run is printed with the targets' PASS/FAIL lines and written to
-benchmarks/train.md, and benchmarks/train.png is drawn from the same rows.
+Rows are appended to benchmarks/train.csv case by case (machine, versions, commit, sizes,
+timings); the table of the CSV's latest run is printed with the targets' PASS/FAIL lines and
+written to benchmarks/train.md, and benchmarks/train.png is drawn from the same rows
+(``--report`` redraws both from the CSV alone, e.g. after an interrupted run).
 """
 
 import argparse
@@ -83,7 +85,7 @@ PHASES = ("teacher_fwd_s", "student_fwd_s", "student_bwd_s", "optimizer_s", "ste
 FIELDS = [
     "timestamp", "commit", "machine", "device", "torch", "deepspeed", "transformers", "model",
     "teacher", "student", "vocab", "batch", "seq", "prompt_fraction", "impl", "zero", "ranks",
-    "threads", "chunk_size", "kind", "temperature", "sft_weight", "warmup", "steps",
+    "threads", "chunk_size", "kind", "temperature", "sft_weight", "warmup", "steps", "new_tokens",
     *PHASES, "steps_per_s", "tokens_per_s", "generate_s", "generate_tokens_per_s",
     "peak_extra_mb", "baseline_mb", "first_loss", "status",
 ]  # fmt: skip
@@ -376,24 +378,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--zero", type=int, nargs="+", default=[1, 2, 3], choices=(1, 2, 3))
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], choices=(1, 2))
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt")
     parser.add_argument("--prompt-fraction", type=float, default=0.25,
                         help="leading share of each sequence labelled -100")  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per rank (1: on a shared CPU every multi-threaded op waits for "
+        "descheduled threads, which made 2-thread timings up to 10x slower and erratic)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per case")
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks"))
     parser.add_argument(
         "--quick", action="store_true", help="tiny only, ZeRO-2, 1 rank, 1 warm-up + 1 step"
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="only redraw train.md and train.png from the CSV"
     )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, JSON
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.zero, args.ranks = ["tiny"], [2], [1]
         args.warmup, args.steps, args.new_tokens = 1, 1, 4
-    if args.steps < 1 or args.warmup < 0 or args.new_tokens < 1 or args.chunk_size < 1:
-        raise PoclError("--steps, --new-tokens and --chunk-size must be >= 1, --warmup >= 0")
+    if min(args.steps, args.new_tokens, args.chunk_size, args.threads) < 1 or args.warmup < 0:
+        raise PoclError(
+            "--steps, --new-tokens, --chunk-size and --threads must be >= 1, --warmup >= 0"
+        )
     if not 0.0 <= args.prompt_fraction < 1.0:
         raise PoclError(f"--prompt-fraction={args.prompt_fraction}: must lie in [0, 1)")
     return args
@@ -402,10 +416,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _cases(args: argparse.Namespace) -> list[dict]:
     """Fused next to naive for every pair, rank count and stage, so an interrupted run still
     holds complete comparisons."""
-    cpus = os.cpu_count() or 1
     shared = dict(
-        prompt_fraction=args.prompt_fraction, chunk_size=args.chunk_size, warmup=args.warmup,
-        steps=args.steps, new_tokens=args.new_tokens,
+        threads=args.threads, prompt_fraction=args.prompt_fraction, chunk_size=args.chunk_size,
+        warmup=args.warmup, steps=args.steps, new_tokens=args.new_tokens,
     )  # fmt: skip
     cases = []
     for model in args.models:
@@ -414,7 +427,7 @@ def _cases(args: argparse.Namespace) -> list[dict]:
             for zero in args.zero:
                 for impl in args.impls:
                     case = dict(model=model, impl=impl, zero=zero, ranks=ranks)
-                    cases.append({**case, "threads": max(1, cpus // ranks), **sizes, **shared})
+                    cases.append({**case, **sizes, **shared})
     return cases
 
 
@@ -528,12 +541,12 @@ def markdown(rows: list[dict]) -> str:
         "phase times. naive = the reference (full-logits KD written in the benchmark). Peak = "
         "rise of resident memory per rank over the built models and engine, largest rank. "
         "× naive: fused / naive of the same configuration (throughput: higher is better; "
-        "memory: lower). Generate: student, one 16-token prompt per batch row, "
-        "tokens/s over all ranks.",
+        "memory: lower). Generate: the student continues one 16-token prompt per batch "
+        f"row by {first['new_tokens']} tokens on every rank; new tokens/s over all ranks.",
         "",
         "| model | ZeRO | ranks | impl | steps/s | tokens/s | × naive steps/s | teacher fwd (s) "
         "| student fwd (s) | backward (s) | optimizer (s) | peak/rank (MB) | × naive memory "
-        "| generate tok/s |",
+        "| generate |",
         "|:---|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     naive = {_config_key(r): r for r in rows if r["impl"] == "naive" and r["status"] == "ok"}
@@ -552,7 +565,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {float(r['teacher_fwd_s']):.3f} | {float(r['student_fwd_s']):.3f} "
             f"| {float(r['student_bwd_s']):.3f} | {float(r['optimizer_s']):.3f} "
             f"| {float(r['peak_extra_mb']):.0f} | {x_memory} "
-            f"| {float(r['generate_tokens_per_s']):.0f} |"
+            f"| {float(r['generate_s']):.2f} s, {float(r['generate_tokens_per_s']):.0f} tok/s |"
         )
     return "\n".join(lines) + "\n\n" + "\n".join(verdicts(rows)) + "\n"
 
@@ -607,6 +620,15 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _report(csv_path: Path) -> str:
+    """Write train.md and train.png next to the CSV from its latest run; return the table."""
+    rows = latest_run(csv_path)
+    table = markdown(rows)
+    (csv_path.parent / "train.md").write_text(table, encoding="utf-8")
+    plot(rows, csv_path.parent / "train.png")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.case:
@@ -629,9 +651,16 @@ def main(argv: list[str] | None = None) -> int:
         "sft_weight": SFT_WEIGHT,
     }
     output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     csv_path = output / "train.csv"
-    for spec in _cases(args):
+    if args.report:
+        if not csv_path.is_file():
+            raise PoclError(f"--report: {csv_path} does not exist; run the benchmark first")
+        print(_report(csv_path), flush=True)
+        return 0
+    output.mkdir(parents=True, exist_ok=True)
+    run_started = time.perf_counter()
+    cases = _cases(args)
+    for spec in cases:
         sys.stderr.write(
             f"{spec['model']} ZeRO-{spec['zero']} {spec['ranks']} rank(s) {spec['impl']} ...\n"
         )
@@ -654,11 +683,9 @@ def main(argv: list[str] | None = None) -> int:
             if new_file:
                 writer.writeheader()
             writer.writerow({k: row.get(k, "") for k in FIELDS})
-    rows = latest_run(csv_path)
-    table = markdown(rows)
-    (output / "train.md").write_text(table, encoding="utf-8")
-    plot(rows, output / "train.png")
-    print(table, flush=True)
+        (output / "train.md").write_text(markdown(latest_run(csv_path)), encoding="utf-8")
+    print(_report(csv_path), flush=True)
+    sys.stderr.write(f"{len(cases)} cases in {time.perf_counter() - run_started:.0f}s\n")
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pocl_ds import distributed
 from pocl_ds.errors import PoclError
 
 logger = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ def _parse_records(
             )
         )
     for reason, numbers in skipped.items():
-        if numbers and _is_main_process():
+        if numbers and distributed.is_main_process():
             logger.warning(
                 "%s: skipped %d record(s) with %s (%s%s)",
                 source,
@@ -285,7 +286,7 @@ def _parse_records(
                 ", ".join(numbers[:10]),
                 ", ..." if len(numbers) > 10 else "",
             )
-    if prompts_off_template and _is_main_process():
+    if prompts_off_template and distributed.is_main_process():
         # The file's own rendering is kept (MiniLLM trains on it), but the user should know.
         logger.warning(
             "%s: %d record(s) carry a 'prompt' that differs from the SPEC template; using theirs",
@@ -298,7 +299,7 @@ def _parse_records(
             f"{source}: no usable samples: {total} record(s) read, skipped: {reasons}; "
             "the dataset is empty after filtering"
         )
-    if _is_main_process():
+    if distributed.is_main_process():
         logger.info("%s: loaded %d sample(s) (%s layout)", source, len(samples), layout)
     return samples
 
@@ -428,7 +429,7 @@ def tokenize_samples(
     if eos_id is None:
         raise PoclError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; set eos_token")
     prompt_limit = max_length - 1 if max_prompt_length is None else max_prompt_length
-    bos = _default_bos(tokenizer)
+    bos = prompt_bos(tokenizer)
     counts = {"over length (dropped)": 0, "prompt truncated": 0, "empty response": 0}
     tokenized: list[TokenizedSample] = []
     for sample in samples:
@@ -454,7 +455,7 @@ def tokenize_samples(
             )
         )
     summary = ", ".join(f"{name}: {count}" for name, count in counts.items())
-    if _is_main_process():
+    if distributed.is_main_process():
         logger.info(
             "tokenized %d of %d sample(s) (max_length %d, max_prompt_length %s; %s)",
             len(tokenized),
@@ -471,7 +472,7 @@ def tokenize_samples(
     return tokenized
 
 
-def _default_bos(tokenizer: Any) -> list[int]:
+def prompt_bos(tokenizer: Any) -> list[int]:
     """[bos_id] when the tokenizer's default encoding starts with BOS, else []."""
     bos_id = tokenizer.bos_token_id
     if bos_id is None or bos_id == tokenizer.eos_token_id:
@@ -479,11 +480,6 @@ def _default_bos(tokenizer: Any) -> list[int]:
         return []
     probe = tokenizer("a")["input_ids"]
     return [bos_id] if probe[:1] == [bos_id] else []
-
-
-def _is_main_process() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 # ----------------------------------------------------------------------------- collation

@@ -26,8 +26,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pocl_ds.errors import PoclError
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500

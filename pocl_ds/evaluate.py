@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from pocl_ds import distributed
+from pocl_ds.data import prompt_bos
 from pocl_ds.errors import PoclError
 from pocl_ds.generation import distributed_generate, unwrap_model
 from pocl_ds.metrics import exact_match, rouge_l
@@ -95,15 +96,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def _prompt_bos(tokenizer: Any) -> list[int]:
-    # The same rule as data.tokenize_samples, so a model is evaluated on the prompt ids it was
-    # trained on: BOS only when the tokenizer's default encoding starts with it (LLaMA-style).
-    bos_id = tokenizer.bos_token_id
-    if bos_id is None or bos_id == tokenizer.eos_token_id:
-        return []
-    return [bos_id] if tokenizer("a")["input_ids"][:1] == [bos_id] else []
-
-
 def encode_prompts(
     tokenizer: Any, prompts: Sequence[str], *, max_prompt_length: int | None
 ) -> tuple[list[list[int]], int]:
@@ -112,7 +104,8 @@ def encode_prompts(
     Cutting from the left keeps the ``### Response:`` cue the model answers after (and the
     BOS, when there is one). Returns the ids and how many prompts were cut.
     """
-    bos = _prompt_bos(tokenizer)
+    # The same BOS rule as training, so a model is evaluated on the prompt ids it learnt.
+    bos = prompt_bos(tokenizer)
     encoded, cut = [], 0
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -4,7 +4,9 @@ The embedded default dataset: it needs no download, a tiny model learns its easy
 minutes on a CPU and fails its hard ones, so a demo can show what a curriculum does and the
 difficulty measurer can be checked against the truth. Each family grows one size with the
 level (operand digits, list length, context size) while answers stay a few tokens long, so
-training and generation stay cheap.
+training and generation stay cheap. The ``easy`` scale shrinks every size so that a model of a
+few hundred thousand parameters learns most levels within a minute or two of CPU training
+(the demo); ``standard`` is the default.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import random
 import string
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pocl_ds.data import render_prompt
@@ -20,31 +23,50 @@ from pocl_ds.errors import PoclError
 
 NUM_LEVELS = 4
 
-# The size each family grows with, per level 1..NUM_LEVELS.
-_ADD_DIGITS = (1, 2, 3, 4)
-_REVERSE_LENGTHS = (2, 3, 5, 8)
-# Sorting grows both the list and its numbers: a longer sorted list alone is easier per token
-# (its elements crowd together), which would invert the per-token difficulty.
-_SORT_SIZES = ((2, 1), (3, 1), (3, 2), (4, 3))  # (list length, digits per number)
-_LOOKUP_PAIRS = (1, 2, 4, 8)
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The size each family grows with, per level 1..NUM_LEVELS."""
+
+    add_ranges: tuple[tuple[int, int], ...]  # inclusive operand range
+    reverse_lengths: tuple[int, ...]
+    # Sorting grows both the list and its numbers: a longer sorted list alone is easier per
+    # token (its elements crowd together), which would invert the per-token difficulty.
+    sort_sizes: tuple[tuple[int, int], ...]  # (list length, digits per number)
+    lookup_pairs: tuple[int, ...]
+
+
+SCALES = {
+    "standard": _Sizes(
+        add_ranges=((0, 9), (10, 99), (100, 999), (1000, 9999)),
+        reverse_lengths=(2, 3, 5, 8),
+        sort_sizes=((2, 1), (3, 1), (3, 2), (4, 3)),
+        lookup_pairs=(1, 2, 4, 8),
+    ),
+    "easy": _Sizes(
+        add_ranges=((0, 4), (0, 9), (0, 19), (0, 49)),
+        reverse_lengths=(1, 2, 3, 4),
+        sort_sizes=((1, 1), (2, 1), (3, 1), (4, 1)),
+        lookup_pairs=(1, 2, 3, 4),
+    ),
+}
 
 _Task = tuple[str, str, str]  # instruction, input, output
 
 
-def _addition(rng: random.Random, level: int) -> _Task:
-    digits = _ADD_DIGITS[level - 1]
-    low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+def _addition(rng: random.Random, level: int, sizes: _Sizes) -> _Task:
+    low, high = sizes.add_ranges[level - 1]
     left, right = rng.randint(low, high), rng.randint(low, high)
     return "Add the two numbers.", f"{left} + {right}", str(left + right)
 
 
-def _reverse(rng: random.Random, level: int) -> _Task:
-    letters = rng.choices(string.ascii_lowercase, k=_REVERSE_LENGTHS[level - 1])
+def _reverse(rng: random.Random, level: int, sizes: _Sizes) -> _Task:
+    letters = rng.choices(string.ascii_lowercase, k=sizes.reverse_lengths[level - 1])
     return "Reverse the list.", " ".join(letters), " ".join(reversed(letters))
 
 
-def _sort(rng: random.Random, level: int) -> _Task:
-    length, digits = _SORT_SIZES[level - 1]
+def _sort(rng: random.Random, level: int, sizes: _Sizes) -> _Task:
+    length, digits = sizes.sort_sizes[level - 1]
     numbers = rng.choices(range(10**digits), k=length)
     return (
         "Sort the numbers from smallest to largest.",
@@ -53,15 +75,15 @@ def _sort(rng: random.Random, level: int) -> _Task:
     )
 
 
-def _lookup(rng: random.Random, level: int) -> _Task:
-    keys = rng.sample(string.ascii_lowercase, k=_LOOKUP_PAIRS[level - 1])
+def _lookup(rng: random.Random, level: int, sizes: _Sizes) -> _Task:
+    keys = rng.sample(string.ascii_lowercase, k=sizes.lookup_pairs[level - 1])
     values = rng.choices(range(10), k=len(keys))
     asked = rng.choice(keys)
     context = ", ".join(f"{key}={value}" for key, value in zip(keys, values, strict=True))
     return f"What is the value of {asked}?", context, str(values[keys.index(asked)])
 
 
-FAMILIES: dict[str, Callable[[random.Random, int], _Task]] = {
+FAMILIES: dict[str, Callable[[random.Random, int, _Sizes], _Task]] = {
     "addition": _addition,
     "reverse": _reverse,
     "sort": _sort,
@@ -70,15 +92,23 @@ FAMILIES: dict[str, Callable[[random.Random, int], _Task]] = {
 
 
 def generate_tasks(
-    num_samples: int, seed: int, *, families: Sequence[str] | None = None
+    num_samples: int,
+    seed: int,
+    *,
+    families: Sequence[str] | None = None,
+    scale: str = "standard",
 ) -> list[dict[str, object]]:
     """``num_samples`` tasks in the MiniLLM layout plus ``difficulty`` (1..NUM_LEVELS).
 
     Families and levels are balanced (sample i gets family i mod F and level (i div F)
-    mod NUM_LEVELS + 1 before a seeded shuffle); the same (num_samples, seed, families)
-    always gives the same list. Each record has ``instruction``, ``input``, ``output``,
+    mod NUM_LEVELS + 1 before a seeded shuffle); the same (num_samples, seed, families,
+    scale) always gives the same list. ``scale`` picks the sizes of ``SCALES`` ("easy" for
+    the demo's tiny models). Each record has ``instruction``, ``input``, ``output``,
     ``prompt`` (the SPEC template), ``difficulty`` and ``category`` (the family).
     """
+    if scale not in SCALES:
+        raise PoclError(f"synthetic scale {scale!r} is not known: choose from {', '.join(SCALES)}")
+    sizes = SCALES[scale]
     chosen = list(FAMILIES) if families is None else list(families)
     unknown = [name for name in chosen if name not in FAMILIES]
     if unknown or not chosen:
@@ -92,7 +122,7 @@ def generate_tasks(
     for position in range(num_samples):
         family = chosen[position % len(chosen)]
         level = (position // len(chosen)) % NUM_LEVELS + 1
-        instruction, input_text, output = FAMILIES[family](rng, level)
+        instruction, input_text, output = FAMILIES[family](rng, level, sizes)
         tasks.append(
             {
                 "instruction": instruction,
@@ -108,14 +138,19 @@ def generate_tasks(
 
 
 def write_synthetic_tasks(
-    path: str | Path, *, num_samples: int, seed: int, families: Sequence[str] | None = None
+    path: str | Path,
+    *,
+    num_samples: int,
+    seed: int,
+    families: Sequence[str] | None = None,
+    scale: str = "standard",
 ) -> Path:
     """Write :func:`generate_tasks` as jsonl (one object per line, UTF-8); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = (
         json.dumps(task, ensure_ascii=False) + "\n"
-        for task in generate_tasks(num_samples, seed, families=families)
+        for task in generate_tasks(num_samples, seed, families=families, scale=scale)
     )
     path.write_text("".join(lines), encoding="utf-8")
     return path

@@ -8,6 +8,7 @@ checkpoint bookkeeping) and broadcasts it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -122,7 +123,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out, keep=config.train.keep_checkpoints)
         self.position = Position()
         self.preemption = PreemptionFlag()
-        self.timings = {"difficulty": 0.0, "train": 0.0, "validation": 0.0}
+        # curriculum: the controller's own time (plans, stage decisions), difficulty excluded
+        self.timings = {"difficulty": 0.0, "curriculum": 0.0, "train": 0.0, "validation": 0.0}
         self.difficulty = None
         self.preempted = False
 
@@ -186,7 +188,10 @@ class Trainer:
             pad_id=self.pad_id,
             eos_id=self.eos_id,
         )
+        started = time.perf_counter()
         self.controller = self._build_controller()
+        elapsed = time.perf_counter() - started
+        self.timings["curriculum"] += elapsed - self.timings["difficulty"]
 
     def _build_controller(self) -> CurriculumController:
         cfg = self.config
@@ -515,7 +520,7 @@ class Trainer:
                 p.samples_seen += result["samples"]
                 p.skipped_steps += int(result["skipped"])
                 bar.update(1)
-                bar.set_postfix(stage=plan.stage, loss=f"{result['loss']:.3f}")
+                bar.set_postfix(stage=plan.stage, loss=f"{result['loss']:.3f}", refresh=False)
                 if p.global_step % cfg.train.log_every == 0 or result["skipped"]:
                     self.metrics.log(
                         {
@@ -554,6 +559,7 @@ class Trainer:
             scores["val_loss"],
             scores["val_rouge_l"],
         )
+        started = time.perf_counter()
         stage_over = self.controller.report_validation(scores["val_rouge_l"])
         p.epoch += 1
         p.step_in_epoch = 0
@@ -561,6 +567,7 @@ class Trainer:
             self.controller.finish_stage(steps=p.stage_step)
             p.epoch = 0
             p.stage_step = 0
+        self.timings["curriculum"] += time.perf_counter() - started
         improved = p.best_metric is None or scores["val_rouge_l"] > p.best_metric
         if improved:
             p.best_metric = scores["val_rouge_l"]
@@ -640,6 +647,9 @@ class Trainer:
                 outputs["difficulty"] = self._plot_difficulty()
             rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
             summary["tokens_per_s"] = float(np.mean(rates)) if rates else None
+            (self.out / "summary.json").write_text(
+                json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8"
+            )
             logger.info(
                 telemetry.run_summary(
                     wall_time_s=summary["wall_s"],

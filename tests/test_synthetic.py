@@ -17,7 +17,7 @@ from pocl_ds.data import (
 )
 from pocl_ds.errors import PoclError
 from pocl_ds.models import load_causal_lm, train_bpe_tokenizer
-from pocl_ds.synthetic import FAMILIES, NUM_LEVELS, generate_tasks, write_synthetic_tasks
+from pocl_ds.synthetic import FAMILIES, NUM_LEVELS, SCALES, generate_tasks, write_synthetic_tasks
 
 
 def test_deterministic_by_seed():
@@ -48,8 +48,9 @@ def _solve(task: dict) -> str:
     return dict(pair.split("=") for pair in text.split(", "))[key]
 
 
-def test_answers_are_correct_and_sizes_grow_with_level():
-    tasks = generate_tasks(400, seed=1)
+@pytest.mark.parametrize("scale", sorted(SCALES))
+def test_answers_are_correct_and_sizes_grow_with_level(scale):
+    tasks = generate_tasks(400, seed=1, scale=scale)
     for task in tasks:
         assert task["output"] == _solve(task)
         assert task["prompt"] == render_prompt(task["instruction"], task["input"])
@@ -61,6 +62,17 @@ def test_answers_are_correct_and_sizes_grow_with_level():
             sum(mean_input[(family, lv)]) / len(mean_input[(family, lv)]) for lv in (1, 2, 3, 4)
         ]
         assert sizes == sorted(sizes) and sizes[0] < sizes[-1], (family, sizes)
+
+
+def test_easy_scale_is_smaller_than_standard():
+    def mean_input(scale: str, level: int) -> float:
+        tasks = [t for t in generate_tasks(400, seed=3, scale=scale) if t["difficulty"] == level]
+        return sum(len(t["input"]) for t in tasks) / len(tasks)
+
+    for level in range(1, NUM_LEVELS + 1):
+        assert mean_input("easy", level) <= mean_input("standard", level), level
+    assert mean_input("easy", NUM_LEVELS) < mean_input("standard", NUM_LEVELS) / 2
+    assert generate_tasks(32, seed=0, scale="easy") != generate_tasks(32, seed=0)
 
 
 def test_written_jsonl_loads_with_difficulty(tmp_path):
@@ -77,6 +89,8 @@ def test_bad_arguments():
         generate_tasks(4, seed=0, families=["division"])
     with pytest.raises(PoclError, match="num_samples=0"):
         generate_tasks(0, seed=0)
+    with pytest.raises(PoclError, match=r"'tiny'.*easy"):
+        generate_tasks(4, seed=0, scale="tiny")
 
 
 @pytest.mark.slow

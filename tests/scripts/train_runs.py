@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pocl_ds.cli import run_main  # noqa: E402
+from pocl_ds.cli import run_main
 
 
 def main() -> int:

@@ -1,0 +1,59 @@
+"""launch/demo.py end to end at a reduced size (--quick) on 2 CPU ranks under DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.launchers import REPO, run
+
+DEMO = REPO / "launch" / "demo.py"
+METHODS = ("Teacher (SFT)", "SFT", "KD (fkl)", "KD (fkl) + POCL")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_data_file_is_a_one_line_user_error(tmp_path):
+    result = run("python", DEMO, ["--data", str(tmp_path / "none.jsonl")], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "none.jsonl: no such file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_table_and_plots(tmp_path):
+    out = tmp_path / "demo"
+    result = run("deepspeed", DEMO, ["--quick", "--output", str(out)], timeout=600)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+
+    results = out / "results"
+    table = (results / "table.md").read_text(encoding="utf-8")
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    for method in METHODS:
+        assert method in rows, (method, table)
+    assert "POCL's own overhead" in table
+    assert "pocl_ds demo results" in result.stdout and "| KD (fkl) + POCL |" in result.stdout
+
+    report = json.loads((results / "eval" / "eval.json").read_text(encoding="utf-8"))
+    assert list(report["models"]) == list(METHODS)
+    for method in METHODS:
+        scores = report["models"][method]["suites"]["test"]["rouge_l"]
+        assert sorted(scores["per_seed"]) == ["10", "20"]
+        assert 0.0 <= scores["mean"] <= 100.0
+
+    summary = json.loads((results / "summary.json").read_text(encoding="utf-8"))
+    assert 0.0 < summary["pocl_overhead_fraction"] < 1.0
+    assert summary["runs"]["kd_pocl"]["timings"]["difficulty"] > 0.0
+    assert summary["runs"]["kd"]["timings"]["difficulty"] == 0.0
+    # The POCL student ran one stage per difficulty subset; the others one stage.
+    stages = json.loads((out / "kd_pocl" / "curriculum.json").read_text())["stages"]
+    assert [s["status"] for s in stages] == ["done"] * 3
+    assert sum(1 for _ in (out / "kd_pocl" / "difficulty.jsonl").open()) == 256
+
+    for png in (
+        "rouge_l_by_method.png",
+        "teacher_curriculum_timeline.png",
+        "kd_pocl_curriculum_timeline.png",
+        "kd_pocl_difficulty.png",
+    ):
+        assert (results / png).read_bytes()[:8] == PNG_MAGIC, png
