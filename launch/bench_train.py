@@ -55,7 +55,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "launch"))
 
-from bench_kernel import _commit, _machine, _reset_peak_rss, _rss_mb  # noqa: E402
+from bench_common import commit, machine  # noqa: E402
+from bench_kernel import _reset_peak_rss, _rss_mb  # noqa: E402
 
 from pocl_ds.cli import ArgumentParser, run_main  # noqa: E402
 from pocl_ds.errors import PoclError  # noqa: E402
@@ -641,8 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shared = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "machine": _machine(device),
+        "commit": commit(),
+        "machine": machine(device),
         "device": device,
         **_versions(),
         "vocab": VOCAB,

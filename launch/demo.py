@@ -44,6 +44,8 @@ SYNTHETIC_SEED = 0
 SPLIT_SEED = 1
 # Real instruction data: longer texts need a wider vocabulary, longer sequences and positions.
 REAL_DATA_SIZES = {"full": (50, 100), "quick": (16, 16)}  # (valid, test); the rest trains
+MIN_REAL_TRAIN = 32
+QUICK_REAL_TRAIN = 128
 REAL_MAX_LENGTH = 256
 REAL_OVERRIDES = [
     f"data.max_length={REAL_MAX_LENGTH}",
@@ -110,26 +112,21 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> dict[str, Path]:
 
     size = "quick" if args.quick else "full"
     if args.data is None:
-        train, valid, test = SYNTHETIC_SIZES[size]
-        source = write_synthetic_tasks(
-            data_dir / "synthetic.jsonl",
-            num_samples=train + valid + test,
-            seed=SYNTHETIC_SEED,
-            scale="easy",
-        )
-    else:
-        source = Path(args.data)
-    samples = load_instructions(source)
-    if args.data is None:
         sizes = SYNTHETIC_SIZES[size]
+        source = write_synthetic_tasks(
+            data_dir / "synthetic.jsonl", num_samples=sum(sizes), seed=SYNTHETIC_SEED, scale="easy"
+        )
+        samples = load_instructions(source)
     else:
+        samples = load_instructions(args.data)
         valid, test = REAL_DATA_SIZES[size]
         train = len(samples) - valid - test
-        if args.quick:
-            train = min(train, 128)
-        if train < 32:
-            raise PoclError(f"--data {args.data}: {len(samples)} samples; the demo needs >= 182")
-        sizes = (train, valid, test)
+        if train < MIN_REAL_TRAIN:
+            raise PoclError(
+                f"--data {args.data}: {len(samples)} samples; the demo needs at least "
+                f"{valid + test + MIN_REAL_TRAIN}"
+            )
+        sizes = (min(train, QUICK_REAL_TRAIN) if args.quick else train, valid, test)
     splits = split_samples(samples[: sum(sizes)], sizes=sizes, seed=SPLIT_SEED)
     paths = {name: data_dir / f"{name}.jsonl" for name in ("train", "valid", "test")}
     for name, split in zip(paths, splits, strict=True):

@@ -3,10 +3,7 @@
 #   bash launch/demo.sh [--data PATH] [--output DIR] [--quick] [--seeds 10 20 ...]
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 started=$SECONDS
-# One core per rank keeps the two ranks off each other's cores (needs Debian's numactl).
-bind=()
-if command -v numactl >/dev/null 2>&1; then
-  bind=(--bind_cores_to_rank)
-fi
-deepspeed --num_gpus "${POCL_DEMO_RANKS:-2}" ${bind[@]+"${bind[@]}"} launch/demo.py "$@"
+# No --bind_cores_to_rank: it made DeepSpeed rebuild its cached shm op (minutes on 2 cores)
+# each time runs with and without it alternated.
+deepspeed --num_gpus "${POCL_DEMO_RANKS:-2}" launch/demo.py "$@"
 echo "[pocl_ds] demo finished in $((SECONDS - started)) s (bash launch/demo.sh, setup excluded)"

@@ -324,7 +324,7 @@ class Trainer:
                 batch = _without_targets(batch)
             terms = self._loss_terms(plan, batch, divisor)
             if not skipped and not _finite_on_every_rank(terms.loss):
-                self._non_finite(plan, samples)
+                self._non_finite(plan, samples, terms.loss)
                 # Keep DeepSpeed's accumulation counters in step: the rest of this step's
                 # micro-batches still run forward/backward, with no target tokens, so they add
                 # zero gradient; and the optimizer step is taken at learning rate 0, so the
@@ -369,16 +369,18 @@ class Trainer:
             scale_by_temperature_squared=cfg.distill.scale_by_temperature_squared,
         )
 
-    def _non_finite(self, plan: Any, samples: list[TokenizedSample]) -> None:
-        where = (
-            f"stage {plan.stage}, step {self.position.global_step + 1}, "
-            f"samples {[s.index for s in samples]}"
-        )
+    def _non_finite(self, plan: Any, samples: list[TokenizedSample], loss: torch.Tensor) -> None:
+        # Every rank names the same samples, those of the ranks whose own loss is not finite,
+        # so a stop is one message (not one per rank, each naming its own batch).
+        local = [] if bool(torch.isfinite(loss.detach())) else [s.index for s in samples]
+        culprits = [i for part in distributed.all_gather_objects(local) for i in part]
+        where = f"stage {plan.stage}, step {self.position.global_step + 1}, samples {culprits}"
         if self.config.train.on_nonfinite == "stop":
             raise PoclError(
                 f"non-finite loss at {where}; set train.on_nonfinite=skip to skip such steps"
             )
-        logger.warning("non-finite loss at %s: step skipped", where)
+        if distributed.is_main_process():
+            logger.warning("non-finite loss at %s: step skipped", where)
 
     def _schedule_span(self, plan: Any) -> int:
         if self.config.curriculum.restart_schedule:
@@ -551,7 +553,9 @@ class Trainer:
         cfg = self.config
         p = self.position
         scores = self.validate()
-        self.metrics.log({"stage": plan.stage, "epoch": p.epoch + 1, "step": p.global_step, **scores})
+        self.metrics.log(
+            {"stage": plan.stage, "epoch": p.epoch + 1, "step": p.global_step, **scores}
+        )
         logger.info(
             "stage %d epoch %d: val loss %.4f, val ROUGE-L %.2f",
             plan.stage,

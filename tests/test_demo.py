@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.launchers import REPO, run
+from tests.launchers import REPO, environment, free_port, run
 
 DEMO = REPO / "launch" / "demo.py"
 METHODS = ("Teacher (SFT)", "SFT", "KD (fkl)", "KD (fkl) + POCL")
@@ -20,10 +23,25 @@ def test_missing_data_file_is_a_one_line_user_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_demo_sh_is_valid_bash():
+    result = subprocess.run(["bash", "-n", str(REPO / "launch" / "demo.sh")], capture_output=True)
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.slow
 def test_quick_demo_writes_table_and_plots(tmp_path):
     out = tmp_path / "demo"
-    result = run("deepspeed", DEMO, ["--quick", "--output", str(out)], timeout=600)
+    # The launch line of launch/demo.sh.
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    launch = [deepspeed, "--num_gpus=2", f"--master_port={free_port()}"]
+    result = subprocess.run(
+        [*launch, str(DEMO), "--quick", "--output", str(out)],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
 
     results = out / "results"

@@ -32,7 +32,7 @@ def small_run(out: Path, name: str, *extra: str) -> dict:
             f"train.output_dir={out / name}",
             f"data.train_path={out / 'data.jsonl'}",
             f"data.valid_path={out / 'data.jsonl'}",
-            "data.split_sizes=null",
+            "data.split_sizes=[0, 0]",
             "train.epochs=12",
             "train.micro_batch_size=4",
             "train.lr=5e-3",
