@@ -52,8 +52,6 @@ FIELDS = [
 ]
 
 
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

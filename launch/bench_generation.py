@@ -32,10 +32,6 @@ FIELDS = [
 ]  # fmt: skip
 
 
-
-
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -201,8 +201,7 @@ def _train_step(spec: dict, engine, teacher, batch: dict, world: int) -> tuple[l
     import torch
 
     from pocl_ds import distributed
-    from pocl_ds.divergence import gathered_head
-    from pocl_ds.models import final_hidden_states, output_head
+    from pocl_ds.objective import teacher_inputs
 
     def sync() -> None:
         if torch.cuda.is_available():
@@ -216,11 +215,8 @@ def _train_step(spec: dict, engine, teacher, batch: dict, world: int) -> tuple[l
     divisor = max(global_tokens, 1.0) / world
     inputs = (batch["input_ids"], batch["attention_mask"])
     with torch.no_grad():
-        if spec["impl"] == "fused":  # Trainer._teacher_inputs
-            hidden = final_hidden_states(teacher, *inputs)
-            weight, bias = output_head(teacher)
-            with gathered_head(weight, bias):
-                head = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+        if spec["impl"] == "fused":
+            hidden, head = teacher_inputs(teacher, *inputs)
         else:
             logits = teacher(input_ids=inputs[0], attention_mask=inputs[1], use_cache=False).logits
     sync()

@@ -34,6 +34,23 @@ def shift_for_next_token(
     return hidden[:, :-1], targets, targets.ne(-100)
 
 
+@torch.no_grad()
+def teacher_inputs(
+    teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+    """The frozen teacher's side of the loss: final hidden states [B, T, H] and its head.
+
+    A ZeRO-3-partitioned head is copied out whole (it is released when the gather ends); a
+    replicated one is used as it is, with no copy of its [V, H] weight per micro-batch.
+    """
+    hidden = final_hidden_states(teacher, input_ids, attention_mask)
+    weight, bias = output_head(teacher)
+    if not hasattr(weight, "ds_id"):
+        return hidden, (weight.detach(), None if bias is None else bias.detach())
+    with gathered_head(weight, bias):
+        return hidden, (weight.detach().clone(), None if bias is None else bias.detach().clone())
+
+
 class DistillationObjective(torch.nn.Module):
     """Wraps a Hugging Face causal LM; ``forward`` returns the loss terms of one micro-batch."""
 

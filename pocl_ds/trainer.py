@@ -34,7 +34,6 @@ from pocl_ds.curriculum import (
 )
 from pocl_ds.data import TokenizedSample, collate_for_training, load_instructions
 from pocl_ds.difficulty import measure_difficulty
-from pocl_ds.divergence import gathered_head
 from pocl_ds.engine import (
     build_ds_config,
     create_student_engine,
@@ -47,8 +46,7 @@ from pocl_ds.errors import PoclError
 from pocl_ds.evaluate import evaluate_model, report_to_json, write_report
 from pocl_ds.generation import distributed_generate
 from pocl_ds.metrics import rouge_l
-from pocl_ds.models import final_hidden_states, output_head
-from pocl_ds.objective import DistillationObjective
+from pocl_ds.objective import DistillationObjective, teacher_inputs
 from pocl_ds.recipe import prepare_data, prepare_models
 
 logger = logging.getLogger(__name__)
@@ -276,16 +274,6 @@ class Trainer:
     def steps_per_epoch(self, plan: Any) -> int:
         return self._steps_per_epoch_of_size(len(plan.sample_indices))
 
-    def _teacher_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[Any, Any]:
-        if self.teacher is None:
-            return None, None
-        with torch.no_grad():
-            hidden = final_hidden_states(self.teacher, batch["input_ids"], batch["attention_mask"])
-            weight, bias = output_head(self.teacher)
-            with gathered_head(weight, bias):
-                head = (weight.detach().clone(), None if bias is None else bias.detach().clone())
-        return hidden, head
-
     def _train_step(self, plan: Any, micro_batches: list[list[TokenizedSample]]) -> dict[str, Any]:
         cfg = self.config
         started = time.perf_counter()
@@ -354,7 +342,11 @@ class Trainer:
 
     def _loss_terms(self, plan: Any, batch: dict[str, torch.Tensor], divisor: float) -> Any:
         cfg = self.config
-        teacher_hidden, teacher_head = self._teacher_inputs(batch)
+        teacher_hidden, teacher_head = (
+            (None, None)
+            if self.teacher is None
+            else teacher_inputs(self.teacher, batch["input_ids"], batch["attention_mask"])
+        )
         return self.engine(
             batch["input_ids"],
             batch["attention_mask"],

@@ -35,16 +35,29 @@ def command(launcher: str, script: str | Path, args: list[str], nprocs: int = 2)
     port = str(free_port())
     if launcher == "torchrun":
         return [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}",
-            f"--master_port={port}", str(script), *args,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nprocs}",
+            f"--master_port={port}",
+            str(script),
+            *args,
         ]
     if launcher == "deepspeed":
         deepspeed = str(Path(sys.executable).parent / "deepspeed")
         return [deepspeed, f"--num_gpus={nprocs}", f"--master_port={port}", str(script), *args]
     if launcher == "mpirun":
         return [
-            "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(nprocs),
-            "-x", f"MASTER_PORT={port}", sys.executable, str(script), *args,
+            "mpirun",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            str(nprocs),
+            "-x",
+            f"MASTER_PORT={port}",
+            sys.executable,
+            str(script),
+            *args,
         ]
     if launcher == "python":
         return [sys.executable, str(script), *args]

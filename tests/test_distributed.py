@@ -99,9 +99,17 @@ def test_two_nodes_of_one_rank_on_localhost(tmp_path):
     procs = [
         subprocess.Popen(
             [
-                sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-                f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-                f"--master_port={port}", str(PROBE), "broadcast", str(out),
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                str(PROBE),
+                "broadcast",
+                str(out),
             ],
             cwd=REPO,
             env=environment(),
