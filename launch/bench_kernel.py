@@ -24,12 +24,9 @@ printed and written to benchmarks/kernel.md.
 """
 
 import argparse
-import csv
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +35,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "launch"))
+
+from bench_common import append_rows, provenance, write_table  # noqa: E402
 
 from pocl_ds.cli import ArgumentParser, run_main  # noqa: E402
 from pocl_ds.errors import PoclError  # noqa: E402
@@ -254,35 +254,6 @@ def run_case(spec: dict) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO, capture_output=True, text=True, timeout=10, check=True,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "uncommitted"
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=REPO, capture_output=True, text=True, timeout=10,
-    ).stdout.strip()  # fmt: skip
-    return out.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def _machine(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            model = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cpus"
-
-
 def _liger_version() -> str | None:
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -415,16 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("liger-kernel not importable: skipping the Liger rows "
                          "(pip install --no-deps liger-kernel)\n")  # fmt: skip
     args.impls = impls
-    shared = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "machine": _machine(args.device),
-        "torch": torch.__version__,
-        "threads": args.threads or torch.get_num_threads(),
-    }
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    csv_path = output / "kernel.csv"
+    shared = {**provenance(args.device), "threads": args.threads or torch.get_num_threads()}
     rows = []
     for spec in _cases(args, liger):
         sys.stderr.write(f"N={spec['n']} {spec['kind']} {spec['impl']} ...\n")
@@ -435,13 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         row["device"] = args.device
         rows.append({k: row[k] for k in FIELDS})
         # written case by case, so an interrupted run keeps what it measured
-        new_file = not csv_path.exists()
-        with csv_path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS)
-            if new_file:
-                writer.writeheader()
-            writer.writerow(rows[-1])
-        (output / "kernel.md").write_text(_markdown(rows))
+        append_rows("kernel", rows[-1:], FIELDS, args.output_dir)
+        write_table("kernel", _markdown(rows), args.output_dir)
     print(_markdown(rows))
     return 0
 
