@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -93,11 +94,24 @@ def run(
     timeout: float = 600,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command(launcher, script, args or [], nprocs),
+    """Run the job to its end; on ``timeout`` kill its whole process group (launcher and
+    ranks, so a hang leaves no orphans) and fail with what it printed."""
+    cmd = command(launcher, script, args or [], nprocs)
+    proc = subprocess.Popen(
+        cmd,
         cwd=REPO,
         env=environment(env),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(
+            f"{launcher} job timed out after {timeout:.0f} s:\n{stdout[-2000:]}{stderr[-3000:]}"
+        ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from pocl_ds.curriculum import (
     single_stage_plan,
 )
 from pocl_ds.errors import PoclError
+from tests.launchers import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -253,25 +251,8 @@ def _worker(out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_share_rank0_plan_and_disjoint_shards(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    # A new session lets a hang be killed with its ranks, not leave them orphaned.
-    proc = subprocess.Popen(
-        [*cmd, __file__, str(tmp_path)],
-        env=env,
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"2 ranks timed out:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    done = run("torchrun", __file__, [str(tmp_path)], timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["plans"] == rank1["plans"]
     assert rank0["plans"][0][1] == [0, 1, 2, 3, 4]

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from pocl_ds.metrics import rouge_l
 from pocl_ds.models import load_causal_lm, load_tokenizer, train_bpe_tokenizer
 from pocl_ds.synthetic import generate_tasks
 from pocl_ds.telemetry import spearman
+from tests.launchers import run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GPT2 = {
@@ -315,34 +313,8 @@ def test_measure_rejects_duplicate_indices_and_bad_options(samples, tokenizer):
 
 
 def _run_ranks(nproc: int, args: list[str], timeout: float) -> None:
-    """torchrun this file on ``nproc`` gloo ranks; kill the whole group if it hangs."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        __file__,
-        *args,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{nproc} ranks timed out:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    done = run("torchrun", __file__, args, nprocs=nproc, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
 
 def _worker(work_dir: str) -> None:
