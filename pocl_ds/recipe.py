@@ -84,6 +84,11 @@ def load_splits(
             valid_size, test_size = len(pool) * 1000 // 14000, len(pool) * 500 // 14000
         valid_size = 0 if valid is not None else max(1, valid_size)
         test_size = 0 if test is not None else test_size
+        if valid_size + test_size >= len(pool):
+            raise PoclError(
+                f"data.split_sizes: {valid_size} validation + {test_size} test samples leave "
+                f"none of the {len(pool)} in {d.train_path} for training; lower the sizes"
+            )
         train, split_valid, split_test = split_samples(
             pool,
             sizes=(len(pool) - valid_size - test_size, valid_size, test_size),
@@ -102,12 +107,26 @@ def load_splits(
     return train, valid, test
 
 
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id (``org/name`` has one slash; paths start with / . ~ or nest)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def check_model_paths(config: ExperimentConfig) -> None:
+    """A model or tokenizer given as a local path must exist: say which field, before any load."""
+    m = config.model
+    for field, name in (("teacher", m.teacher), ("student", m.student), ("tokenizer", m.tokenizer)):
+        if name and _looks_local(name) and not Path(name).expanduser().exists():
+            raise PoclError(f"model.{field}: {name} does not exist; give a directory or a hub name")
+
+
 def prepare_tokenizer(
     config: ExperimentConfig, train: list[InstructionSample], output_dir: Path
 ) -> Any:
     """The recipe's tokenizer; for inline (from-scratch) models a BPE trained on the training
     texts by rank 0 and saved in the run directory, so evaluation and export reuse it."""
     m = config.model
+    check_model_paths(config)
     named = m.tokenizer or m.teacher or m.student
     if m.teacher and m.student and not m.tokenizer:
         check_tokenizers_agree(load_tokenizer(m.teacher), load_tokenizer(m.student))
