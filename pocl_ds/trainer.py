@@ -534,7 +534,10 @@ class Trainer:
                     )
                 if self.preemption.agreed():
                     self.save()
-                    logger.warning("SIGTERM: checkpoint written at step %d; exiting", p.global_step)
+                    if distributed.is_main_process():
+                        logger.warning(
+                            "SIGTERM: checkpoint written at step %d; exiting", p.global_step
+                        )
                     self.preempted = True
                     return False
             if self._end_of_epoch(plan):
