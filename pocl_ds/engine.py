@@ -88,6 +88,24 @@ def build_ds_config(
     return config
 
 
+def check_precision_supported(ds_config: dict[str, Any]) -> None:
+    """Refuse a precision this machine's accelerator cannot run, naming the recipe field
+    (DeepSpeed's CPU accelerator, for one, has bf16 but no fp16)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    for precision, supported in (
+        ("fp16", accelerator.is_fp16_supported),
+        ("bf16", accelerator.is_bf16_supported),
+    ):
+        if ds_config.get(precision, {}).get("enabled") and not supported():
+            raise PoclError(
+                f"train.precision: {precision} is not supported on this machine's "
+                f"{accelerator.device_name()} accelerator; use fp32 or "
+                f"{'bf16' if precision == 'fp16' else 'fp16'}"
+            )
+
+
 def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
@@ -128,6 +146,7 @@ def create_student_engine(
     """
     import deepspeed
 
+    check_precision_supported(ds_config)
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:

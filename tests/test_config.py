@@ -121,3 +121,22 @@ def test_unknown_command_line_flag_exits_2():
         timeout=60,
     )
     assert result.returncode == 2 and "--bogus" in result.stderr
+
+
+def test_a_precision_the_accelerator_lacks_is_named():
+    from deepspeed.accelerator import get_accelerator
+
+    from pocl_ds.engine import check_precision_supported
+
+    config = build_ds_config(
+        REPO / "ds_configs" / "zero2.json",
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        world_size=1,
+        precision="fp16",
+    )
+    if get_accelerator().is_fp16_supported():
+        check_precision_supported(config)  # a GPU: nothing to refuse
+    else:
+        with pytest.raises(PoclError, match=r"train\.precision: fp16 is not supported"):
+            check_precision_supported(config)

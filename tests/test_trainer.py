@@ -201,3 +201,22 @@ def test_shipped_tiny_recipe_under_the_deepspeed_launcher(recipe, tmp_path):
         assert {"index", "ce", "rouge_l", "rank_ce", "rank_rouge", "fused", "subset"} <= set(
             json.loads(records[0])
         )
+
+
+@pytest.mark.slow
+def test_bf16_student_and_teacher_train(tmp_path):
+    """bf16 (DeepSpeed's bf16 optimizer, a bf16 teacher) through the same fused kernel."""
+    run = {
+        "name": "bf16",
+        "recipe": TINY,
+        "overrides": [
+            f"train.output_dir={tmp_path / 'bf16'}",
+            "train.precision=bf16",
+            "model.teacher_dtype=bf16",
+            "train.max_steps=8",
+        ],
+    }
+    run_jobs(tmp_path, [run], launcher="python", nprocs=1)
+    curve = losses(tmp_path / "bf16")
+    assert len(curve) == 8 and all(math.isfinite(x) for x in curve)
+    assert sum(curve[-2:]) < sum(curve[:2]), curve
