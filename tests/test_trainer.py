@@ -58,6 +58,13 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
+def assert_same_losses(first: Path, second: Path) -> None:
+    """Two runs that must follow one trajectory: every step's loss within fp32 reduction noise."""
+    a, b = losses(first), losses(second)
+    assert len(a) == len(b) > 10
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
 def val_losses(run_dir: Path) -> list[float]:
     return [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
 
@@ -115,24 +122,19 @@ def test_every_method_and_curriculum_fits_its_data(matrix, method, curriculum):
         assert [s["stage"] for s in stages] == [1, 2]
         kept = len((run_dir / "difficulty.jsonl").read_text().splitlines())
         assert stages[0]["size"] < stages[1]["size"] == kept >= 30
-        assert (run_dir / "difficulty.jsonl").is_file()
     assert (run_dir / "final" / "config.json").is_file()
 
 
 @pytest.mark.slow
 def test_zero2_and_zero3_give_the_same_losses(matrix):
     tmp, _ = matrix
-    zero2, zero3 = losses(tmp / "kd_none"), losses(tmp / "kd_zero3")
-    assert len(zero2) == len(zero3) > 10
-    assert zero2 == pytest.approx(zero3, rel=1e-4, abs=1e-6)
+    assert_same_losses(tmp / "kd_none", tmp / "kd_zero3")
 
 
 @pytest.mark.slow
 def test_replicated_and_partitioned_teacher_give_the_same_losses(matrix):
     tmp, _ = matrix
-    replicated, partitioned = losses(tmp / "kd_none"), losses(tmp / "kd_teacher_zero3")
-    assert len(replicated) == len(partitioned) > 10
-    assert replicated == pytest.approx(partitioned, rel=1e-4, abs=1e-6)
+    assert_same_losses(tmp / "kd_none", tmp / "kd_teacher_zero3")
 
 
 @pytest.mark.slow
@@ -147,9 +149,7 @@ def test_one_and_two_ranks_with_the_same_global_batch_agree(matrix):
         "model.teacher_config=null",
     )
     run_jobs(tmp, [single], nprocs=1)
-    one, two = losses(tmp / "kd_one_rank"), losses(tmp / "kd_no_dropout")
-    assert len(one) == len(two) > 10
-    assert one == pytest.approx(two, rel=1e-4, abs=1e-6)
+    assert_same_losses(tmp / "kd_one_rank", tmp / "kd_no_dropout")
 
 
 @pytest.mark.slow
