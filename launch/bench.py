@@ -4,6 +4,7 @@
     python launch/bench.py train       [--quick] ...   KD step: fused vs naive full-logits, ZeRO 1/2/3, 1-2 ranks
     python launch/bench.py generation  [--quick] ...   generation tokens/s vs batch size, KV cache on/off
     python launch/bench.py difficulty  [--quick] ...   difficulty scoring samples/s on 1 and 2 ranks
+    python launch/bench.py scale       [--cases ...]   real-size pairs on 2 ranks, plan vs measured
 
     python launch/bench.py readme                      copy benchmarks/*.md tables into README.md
 
@@ -20,7 +21,7 @@ sys.path.insert(0, str(HERE))
 
 from pocl_ds.cli import run_main  # noqa: E402
 
-BENCHMARKS = ("kernel", "train", "generation", "difficulty")
+BENCHMARKS = ("kernel", "train", "generation", "difficulty", "scale")
 
 
 def main() -> int:

@@ -4,22 +4,34 @@ Benchmarks are data: each run appends rows (machine, versions, commit, sizes, me
 ``benchmarks/<name>.csv`` and writes the table of that run to ``benchmarks/<name>.md``;
 ``python launch/bench.py readme`` copies those tables into README.md between
 ``<!-- bench:<name> -->`` markers, so no number in the README is typed by hand.
+
+Each case of a benchmark runs in a fresh process (``run_case_in_subprocess``; ``torchrun`` for
+more than one rank), so one case's allocations, compiled kernels and process group never
+leak into the next; the case reports its numbers as one tagged JSON line on stdout
+(``print_case_result``). Peak memory on CPU is the rise of the resident set's high-water mark
+(``reset_peak_rss`` and ``rss_mb``).
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import json
 import os
 import platform
 import re
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pocl_ds.errors import PoclError
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "benchmarks"
+# Prefixes the one stdout line that carries a case's results, among whatever else it prints.
+RESULT_TAG = "BENCH_CASE_RESULT "
 
 
 def commit() -> str:
@@ -99,15 +111,18 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def refresh_readme(readme: Path = REPO / "README.md") -> list[str]:
-    """Replace each ``<!-- bench:NAME -->…<!-- /bench:NAME -->`` block by benchmarks/NAME.md."""
+def refresh_readme(
+    readme: Path = REPO / "README.md", names: Iterable[str] | None = None
+) -> list[str]:
+    """Replace each ``<!-- bench:NAME -->…<!-- /bench:NAME -->`` block by benchmarks/NAME.md
+    (only the blocks of ``names`` when given, so one benchmark's rerun leaves the others)."""
     text = readme.read_text(encoding="utf-8")
     updated = []
 
     def fill(match: re.Match) -> str:
         name = match.group(1)
         source = BENCH_DIR / f"{name}.md"
-        if not source.is_file():
+        if (names is not None and name not in names) or not source.is_file():
             return match.group(0)
         updated.append(name)
         body = source.read_text(encoding="utf-8").strip()
@@ -116,3 +131,93 @@ def refresh_readme(readme: Path = REPO / "README.md") -> list[str]:
     text = re.sub(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", fill, text, flags=re.S)
     readme.write_text(text, encoding="utf-8")
     return updated
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def rss_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last ``reset_peak_rss``) of this process."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Linux resets VmHWM to the current RSS on `5` in clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def print_case_result(result: Mapping[str, Any]) -> None:
+    """Hand a case's results to ``run_case_in_subprocess`` (call once, from one rank)."""
+    print(RESULT_TAG + json.dumps(dict(result)), flush=True)
+
+
+def run_requested_case(case: str, run_case: Callable[[dict], Mapping[str, Any] | None]) -> int:
+    """The worker side of ``run_case_in_subprocess``: run the JSON ``case`` on this rank and
+    hand back the result of the rank that returns one."""
+    result = run_case(json.loads(case))
+    if result is not None:
+        print_case_result(result)
+    return 0
+
+
+def existing_csv(csv_path: Path) -> Path:
+    """``--report`` redraws from the CSV alone, so it must be there."""
+    if not csv_path.is_file():
+        raise PoclError(f"--report: {csv_path} does not exist; run the benchmark first")
+    return csv_path
+
+
+def run_case_in_subprocess(
+    script: str | Path,
+    spec: Mapping[str, Any],
+    *,
+    timeout: float,
+    ranks: int = 1,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Run ``script --case JSON(spec)`` in a fresh process (``torchrun --standalone`` with
+    ``ranks`` ranks when more than one) and return its ``print_case_result`` numbers with
+    ``status`` "ok", or only a ``status`` saying why there are none.
+
+    ``threads``: OpenMP threads per rank (0: the library's default).
+    """
+    env = dict(os.environ)
+    # Every block of >= 1 MiB is mmap'ed and unmapped on free, so RSS follows live tensors.
+    env.update(
+        MALLOC_MMAP_THRESHOLD_=str(1 << 20),
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    # DeepSpeed's CPU communication op compiles once per machine into this cache (launch/env.sh).
+    env.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "pocl_ds" / "torch_extensions")
+    )
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [str(Path(script).resolve()), "--case", json.dumps(dict(spec))]
+    if ranks > 1:
+        command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                   *command]  # fmt: skip
+    try:
+        done = subprocess.run(
+            [sys.executable, *command],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout:.0f}s"}
+    results = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if done.returncode != 0 or not results:
+        tail = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        return {"status": f"failed (exit {done.returncode}): {(tail or ['?'])[-1][:200]}"}
+    return {**json.loads(results[-1][len(RESULT_TAG) :]), "status": "ok"}

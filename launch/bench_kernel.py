@@ -26,9 +26,7 @@ printed and written to benchmarks/kernel.md.
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "launch"))
 
-from bench_common import append_rows, provenance, write_table  # noqa: E402
+from bench_common import (  # noqa: E402
+    append_rows,
+    print_case_result,
+    provenance,
+    reset_peak_rss,
+    rss_mb,
+    run_case_in_subprocess,
+    write_table,
+)
 
 from pocl_ds.cli import ArgumentParser, run_main  # noqa: E402
 from pocl_ds.errors import PoclError  # noqa: E402
@@ -53,24 +59,6 @@ FIELDS = [
 
 
 # ----------------------------------------------------------------------------- one case
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Linux resets VmHWM to the current RSS on `5` in clear_refs."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _naive_loss(student_logits, teacher_logits, kind: str, beta: float):
@@ -227,8 +215,8 @@ def run_case(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        baseline = _rss_mb("VmRSS")
-        if not _reset_peak_rss():
+        baseline = rss_mb("VmRSS")
+        if not reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
     times = []
     for _ in range(spec["repeats"]):
@@ -242,7 +230,7 @@ def run_case(spec: dict) -> dict:
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20
     else:
-        peak = _rss_mb("VmHWM") - baseline
+        peak = rss_mb("VmHWM") - baseline
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
@@ -323,23 +311,6 @@ def _cases(args: argparse.Namespace, liger: str | None) -> list[dict]:
     return cases
 
 
-def _run_in_subprocess(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    # Every block of >= 1 MiB is mmap'ed and unmapped on free, so RSS follows live tensors.
-    env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 20), PYTHONPATH=str(REPO))
-    command = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(spec)]
-    try:
-        done = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {timeout:.0f}s"}
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
-        return {"status": f"failed: {tail[0][:200]}"}
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "status": "ok"}
-
-
 def _markdown(rows: list[dict]) -> str:
     first = rows[0]
     lines = [
@@ -376,7 +347,7 @@ def _markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+        print_case_result(run_case(json.loads(args.case)))
         return 0
     import torch
 
@@ -391,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in _cases(args, liger):
         sys.stderr.write(f"N={spec['n']} {spec['kind']} {spec['impl']} ...\n")
         sys.stderr.flush()
-        result = _run_in_subprocess(spec, args.timeout)
+        result = run_case_in_subprocess(__file__, spec, timeout=args.timeout)
         row = {**shared, **spec, "median_s": "", "min_s": "", "floor_s": "", "peak_extra_mb": ""}
         row.update(result)
         row["device"] = args.device

@@ -1,4 +1,4 @@
-"""The KD training step: pocl_ds's fused step against a naive full-logits step, side by side.
+"""The KD training step: the trainer's own step, fused objective against a naive one.
 
     python launch/bench_train.py [--models tiny small] [--zero 1 2 3] [--ranks 1 2] [--quick]
     python launch/bench.py train [--quick] ...   (the same, through the dispatcher)
@@ -8,30 +8,35 @@ Two GPT-2-shaped teacher/student pairs with the GPT-2 vocabulary (50257 ids, ran
     tiny   teacher H128 L4, student H64 L2, micro batch 4 x 128 tokens per rank
     small  teacher H256 L4, student H128 L2, micro batch 4 x 256 tokens per rank
 
-and two implementations of one optimizer step, both on the same DeepSpeed engine (client
-AdamW, ``ds_configs/zeroN.json`` filled by ``pocl_ds.engine.build_ds_config``):
+Every step is ``Trainer.train_step``, the code a training run executes, on a ``recipe.Run``
+put together here from the library's own constructors (the benchmark's settings in an
+``ExperimentConfig``; one stage of random-token samples, its ``StageSampler`` and
+``CurriculumController``; off-policy ``CurationPolicy``). The two cases differ only in the
+module the DeepSpeed engine wraps (client AdamW, ``ds_configs/zeroN.json`` filled by
+``pocl_ds.engine.build_ds_config``):
 
-    fused  pocl_ds: ``DistillationObjective`` (the chunked fused-linear kernel) inside the
-           engine, teacher final hidden states under no_grad, as ``Trainer._train_step`` runs it
-    naive  the reference, written here: full [B, T, V] logits of student and teacher,
-           fp32 log-softmax, forward KL, α·CE, autograd
+    fused  pocl_ds's ``DistillationObjective`` (the chunked fused-linear kernel)
+    naive  the reference, written here with the same call signature: full [B, T, V] logits
+           of student and of teacher (from its hidden states and head), fp32 log-softmax,
+           forward KL, α·CE, autograd
 
 Loss: α·CE + (1 − α)·τ²·KL(p_τ ‖ q_τ), α = 0.5, τ = 2, the first quarter of every sequence a
-prompt (label −100). Dropout is off, so both implementations see the same numbers and their
-first-step losses must agree (checked). Each case (pair × implementation × ZeRO stage ×
-ranks) runs in a fresh process (2 ranks: ``torchrun --standalone``) with one torch thread per
-rank (``--threads``), so 2 ranks use twice the cores of 1. It times ``--warmup`` untimed and
-``--steps`` timed optimizer steps; per step the slowest rank's time of each phase (teacher
-forward; student forward with the loss; backward; optimizer step) counts, and the median over
-steps is reported. Generation is a batched ``pocl_ds.generation.generate`` of the trained
-student (one 16-token prompt per micro-batch row, ``--new-tokens`` new tokens), timed once,
-the same for both.
+prompt (no target). Dropout is off, so both modules see the same numbers and the first step's
+loss (the mean over the global batch's targets, as the trainer reports it) must agree
+(checked). Each case (pair × module × ZeRO stage × ranks) runs in a fresh process (2 ranks:
+``torchrun --standalone``) with one torch thread per rank (``--threads``), so 2 ranks use twice
+the cores of 1. It times ``--warmup`` untimed and ``--steps`` timed optimizer steps. The phases
+are timed by wrapping the objects the step calls (the teacher's forward, the engine's forward
+with the loss, ``engine.backward``, ``engine.step``); per step the slowest rank's time of each
+phase counts, and the median over steps is reported. Generation is a batched
+``pocl_ds.generation.generate`` of the trained student (one 16-token prompt per micro-batch row,
+``--new-tokens`` new tokens), timed once, the same for both.
 
 Peak memory per rank: the rise of resident memory (VmHWM, reset through
-/proc/self/clear_refs) over the resident memory once models, engine, teacher and batches are
-built, across the training steps (not the generation); glibc is told to map every block of
-1 MiB or more directly, so freed tensors leave RSS at once. The largest rank counts. On
-CUDA: ``max_memory_allocated`` over ``memory_allocated`` at the same point.
+/proc/self/clear_refs) over the resident memory once models, engine, teacher, trainer and
+samples are built, across the training steps (not the generation); glibc is told to map every
+block of 1 MiB or more directly, so freed tensors leave RSS at once. The largest rank counts.
+On CUDA: ``max_memory_allocated`` over ``memory_allocated`` at the same point.
 
 Rows are appended to benchmarks/train.csv case by case (machine, versions, commit, sizes,
 timings); the table of the CSV's latest run is printed with the targets' PASS/FAIL lines and
@@ -41,13 +46,11 @@ written to benchmarks/train.md, and benchmarks/train.png is drawn from the same 
 
 import argparse
 import csv
-import datetime
+import functools
 import gc
-import json
-import os
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,8 +58,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "launch"))
 
-from bench_common import commit, machine  # noqa: E402
-from bench_kernel import _reset_peak_rss, _rss_mb  # noqa: E402
+from bench_common import (  # noqa: E402
+    append_rows,
+    existing_csv,
+    provenance,
+    reset_peak_rss,
+    rss_mb,
+    run_case_in_subprocess,
+    run_requested_case,
+    write_table,
+)
 
 from pocl_ds.cli import ArgumentParser, run_main  # noqa: E402
 from pocl_ds.errors import PoclError  # noqa: E402
@@ -81,7 +92,6 @@ KIND = "fkl"
 TEMPERATURE = 2.0
 SFT_WEIGHT = 0.5
 PROMPT_TOKENS = 16
-RESULT_TAG = "BENCH_TRAIN_RESULT "
 PHASES = ("teacher_fwd_s", "student_fwd_s", "student_bwd_s", "optimizer_s", "step_s")
 FIELDS = [
     "timestamp", "commit", "machine", "device", "torch", "deepspeed", "transformers", "model",
@@ -104,10 +114,14 @@ def _naive_objective_class():
     import torch
     import torch.nn.functional as F
 
+    from pocl_ds.data import IGNORE_INDEX
     from pocl_ds.objective import LossTerms
 
     class NaiveDistillation(torch.nn.Module):
-        """Reference KD loss from full logits: [B, T, V] of student and teacher in memory."""
+        """Reference KD loss from full logits: [B, T, V] of student and teacher in memory.
+
+        Called exactly as ``DistillationObjective`` is, so the trainer's step runs it as is.
+        """
 
         def __init__(self, model: torch.nn.Module) -> None:
             super().__init__()
@@ -119,18 +133,22 @@ def _naive_objective_class():
             attention_mask: torch.Tensor,
             labels: torch.Tensor,
             *,
-            teacher_logits: torch.Tensor,
+            teacher_hidden: torch.Tensor,
+            teacher_head: tuple[torch.Tensor, torch.Tensor | None],
             temperature: float,
             sft_weight: float,
             num_valid_tokens: float,
         ) -> LossTerms:
-            """input_ids, attention_mask, labels: [B, T]; teacher_logits: [B, T, V]."""
+            """input_ids, attention_mask, labels: [B, T]; teacher_hidden: [B, T, H_t];
+            teacher_head: (weight [V, H_t], bias or None)."""
             logits = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).logits
+            with torch.no_grad():
+                teacher_logits = F.linear(teacher_hidden, *teacher_head)
             logits = logits[:, :-1].float()
             targets = labels[:, 1:]
-            mask = targets.ne(-100).float()
+            mask = targets.ne(IGNORE_INDEX).float()
             log_q = F.log_softmax(logits / temperature, dim=-1)
             log_p = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -139,7 +157,7 @@ def _naive_objective_class():
                 F.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]),
                     targets.reshape(-1),
-                    ignore_index=-100,
+                    ignore_index=IGNORE_INDEX,
                     reduction="sum",
                 )
                 / num_valid_tokens
@@ -150,35 +168,211 @@ def _naive_objective_class():
     return NaiveDistillation
 
 
-def _model(shape: dict, seq: int, seed: int):
-    from pocl_ds.models import load_causal_lm
+class PhaseTimer:
+    """Seconds spent inside the instrumented methods, per phase, since the last ``reset``.
 
-    # Dropout off: the two implementations then compute the same loss on the same weights.
-    config = {"family": "gpt2", **shape, "max_positions": seq + 64}
-    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return load_causal_lm(inline_config=config, vocab_size=VOCAB, seed=seed)
+    ``instrument`` replaces a bound method on the object itself, so the trainer's unchanged
+    code runs through the timing; on CUDA each call is bracketed by synchronisations.
+    """
+
+    def __init__(self, phases: tuple[str, ...]) -> None:
+        import torch
+
+        self.seconds = dict.fromkeys(phases, 0.0)
+        self._sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+    def instrument(self, owner, method: str, phase: str) -> None:
+        inner = getattr(owner, method)
+
+        @functools.wraps(inner)
+        def timed(*args, **kwargs):
+            self._sync()
+            started = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._sync()
+                self.seconds[phase] += time.perf_counter() - started
+
+        setattr(owner, method, timed)
 
 
-def _batches(spec: dict, rank: int, device) -> list[dict]:
-    """Random token batches of this rank: input_ids, attention_mask, labels [B, T]."""
+def _config(spec: dict, output_dir: str):
+    """The benchmark's settings as the recipe a training run would read them from."""
+    from pocl_ds.config import from_dict
+
+    pair = PAIRS[spec["model"]]
+    # Dropout off: the two modules then compute the same loss on the same weights.
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    inline = {"family": "gpt2", "max_positions": spec["seq"] + 64, **no_dropout}
+    return from_dict(
+        {
+            "model": {
+                "teacher_config": {**inline, **pair["teacher"]},
+                "student_config": {**inline, **pair["student"]},
+                "teacher_partition": False,
+            },
+            "data": {
+                "train_path": "random tokens (launch/bench_train.py)",
+                "max_length": spec["seq"],
+            },
+            "distill": {
+                "method": "kd",
+                "divergence": KIND,
+                "temperature": TEMPERATURE,
+                "sft_weight": SFT_WEIGHT,
+                "chunk_size": spec["chunk_size"],
+            },
+            "train": {
+                "output_dir": output_dir,
+                "ds_config": f"ds_configs/zero{spec['zero']}.json",
+                "precision": "fp32",
+                "micro_batch_size": spec["batch"],
+                "gradient_accumulation_steps": 1,
+                "epochs": 1,
+                "lr": 1e-4,
+                "weight_decay": 0.0,
+                "warmup_ratio": 0.0,
+                "lr_schedule": "constant",
+                "max_grad_norm": 1.0,
+                "on_nonfinite": "stop",
+            },
+            "eval": {"evaluate_at_end": False},
+        }
+    )
+
+
+def _random_samples(spec: dict, count: int, seed: int) -> list:
+    """``count`` samples of ``spec["seq"]`` random tokens, the leading prompt share without
+    targets; the same on every rank (the sampler shards them)."""
     import torch
 
-    gen = torch.Generator().manual_seed(1000 + rank)
-    batch, seq = spec["batch"], spec["seq"]
-    prompt = int(seq * spec["prompt_fraction"])
-    out = []
-    for _ in range(spec["warmup"] + spec["steps"]):
-        ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
-        labels = ids.clone()
-        labels[:, :prompt] = -100
-        out.append(
-            {
-                "input_ids": ids.to(device),
-                "attention_mask": torch.ones_like(ids).to(device),
-                "labels": labels.to(device),
-            }
+    from pocl_ds.data import TokenizedSample
+
+    gen = torch.Generator().manual_seed(seed)
+    prompt = int(spec["seq"] * spec["prompt_fraction"])
+    rows = torch.randint(0, VOCAB, (count, spec["seq"]), generator=gen).tolist()
+    return [
+        TokenizedSample(
+            index=i, prompt_ids=tuple(row[:prompt]), response_ids=tuple(row[prompt:]), references=()
         )
-    return out
+        for i, row in enumerate(rows)
+    ]
+
+
+def _student_engine(spec: dict, config, method, world: int) -> tuple:
+    """The student inside the case's module (fused objective or naive reference) inside its
+    DeepSpeed engine, as ``recipe.build_run`` wraps it; and whether the engine is ZeRO-3."""
+    from pocl_ds.engine import build_ds_config, create_student_engine, zero_stage
+    from pocl_ds.models import load_causal_lm
+    from pocl_ds.objective import DistillationObjective
+
+    m, d, t = config.model, config.distill, config.train
+    student = load_causal_lm(inline_config=m.student_config, vocab_size=VOCAB, seed=t.seed)
+    ds_config = build_ds_config(
+        t.ds_config,
+        micro_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        world_size=world,
+        precision=t.precision,
+        max_grad_norm=t.max_grad_norm,
+    )
+    if spec["impl"] == "fused":
+        module = DistillationObjective(
+            student,
+            kind=method.trained_divergence(d.divergence),
+            beta=d.beta,
+            scale_by_temperature_squared=d.scale_by_temperature_squared,
+            chunk_size=d.chunk_size,
+            vocab_size=VOCAB,
+        )
+    else:
+        module = _naive_objective_class()(student)
+    engine = create_student_engine(module, ds_config, lr=t.lr, weight_decay=t.weight_decay)
+    engine.module.train()
+    return engine, zero_stage(ds_config) == 3
+
+
+def _build_run(spec: dict, output_dir: str):
+    """The ``recipe.Run`` of one case, built as ``recipe.build_run`` builds one, but on random
+    tokens and with the case's module inside the engine."""
+    import types
+
+    import torch
+
+    from pocl_ds import distributed
+    from pocl_ds.curation import CurationPolicy
+    from pocl_ds.curriculum import CurriculumController, single_stage_plan
+    from pocl_ds.engine import create_teacher
+    from pocl_ds.methods import method_spec
+    from pocl_ds.models import load_causal_lm
+    from pocl_ds.recipe import DTYPES, PreparedData, Run
+    from pocl_ds.sampler import StageSampler
+
+    config = _config(spec, output_dir)
+    m, d, t = config.model, config.distill, config.train
+    method = method_spec(d.method)
+    world = distributed.world_size()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as build_run's
+    engine, zero3 = _student_engine(spec, config, method, world)
+    teacher = create_teacher(
+        load_causal_lm(inline_config=m.teacher_config, vocab_size=VOCAB, seed=t.seed + 1),
+        partition=m.teacher_partition,
+        dtype=DTYPES[m.teacher_dtype],
+        micro_batch_size=t.micro_batch_size,
+        world_size=world,
+        device=device,
+    )
+    steps = spec["warmup"] + spec["steps"]
+    samples = _random_samples(spec, world * t.micro_batch_size * steps, seed=t.seed)
+    plans = single_stage_plan(
+        [s.index for s in samples],
+        temperature=d.temperature,
+        sft_weight=method.alpha(d.sft_weight),
+        epochs=t.epochs,
+    )
+    sampler = StageSampler(
+        plans[0].sample_indices,
+        stage=plans[0].stage,
+        rank=distributed.rank(),
+        world_size=world,
+        seed=t.seed,
+        micro_batch_size=t.micro_batch_size,
+        accumulation_steps=t.gradient_accumulation_steps,
+    )
+    # GPT-2's ids: eos 50256; no sample is padded (all have the same length).
+    tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=VOCAB - 1)
+    return Run(
+        config=config,
+        method=method,
+        output_dir=Path(t.output_dir),
+        data=PreparedData(tokenizer, samples, [], [], [], []),
+        samples_by_index={s.index: s for s in samples},
+        engine=engine,
+        teacher=teacher,
+        curation=CurationPolicy(
+            on_policy=method.on_policy,
+            on_policy_prob=d.on_policy_prob,
+            seed=t.seed,
+            max_length=config.data.max_length,
+            max_new_tokens=d.generation_max_new_tokens,
+            pad_id=tokenizer.pad_token_id,
+            eos_id=tokenizer.eos_token_id,
+            vocab_size=VOCAB,
+        ),
+        controller=CurriculumController(plans, steps_per_epoch=[len(sampler)]),
+        samplers=[sampler],
+        difficulty=None,
+        zero3=zero3,
+        device=device,
+        vocab_size=VOCAB,
+        seqkd_truncated=0,
+        eval_suites={},
+        timings={},
+    )
 
 
 def _max_over_ranks(values: list[float]) -> list[float]:
@@ -196,70 +390,30 @@ def _max_over_ranks(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def _train_step(spec: dict, engine, teacher, batch: dict, world: int) -> tuple[list[float], float]:
-    """One optimizer step; returns the phase times (PHASES order) and the step's loss."""
+def _timed_steps(trainer, timer: PhaseTimer) -> tuple[list[list[float]], list[float]]:
+    """Every step of the stage through ``trainer.train_step``: per step the slowest rank's
+    phase times (PHASES order) and the step's loss."""
     import torch
 
     from pocl_ds import distributed
-    from pocl_ds.objective import teacher_inputs
 
-    def sync() -> None:
+    run = trainer.run_parts
+    plan, sampler = run.controller.current_plan(), run.samplers[0]
+    times, losses = [], []
+    for micro_batch_indices in sampler:
+        micro_batches = [[run.samples_by_index[i] for i in mb] for mb in micro_batch_indices]
+        timer.reset()
+        distributed.barrier()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-
-    distributed.barrier()
-    sync()
-    start = time.perf_counter()
-    # The trainer's divisor: the gradient is that of the mean over the global batch's tokens.
-    global_tokens = distributed.all_reduce_sum(int(batch["labels"][:, 1:].ne(-100).sum()))
-    divisor = max(global_tokens, 1.0) / world
-    inputs = (batch["input_ids"], batch["attention_mask"])
-    with torch.no_grad():
-        if spec["impl"] == "fused":
-            hidden, head = teacher_inputs(teacher, *inputs)
-        else:
-            logits = teacher(input_ids=inputs[0], attention_mask=inputs[1], use_cache=False).logits
-    sync()
-    teacher_done = time.perf_counter()
-    if spec["impl"] == "fused":
-        terms = engine(
-            *inputs,
-            batch["labels"],
-            teacher_hidden=hidden,
-            teacher_head=head,
-            kind=KIND,
-            temperature=TEMPERATURE,
-            beta=None,
-            sft_weight=SFT_WEIGHT,
-            num_valid_tokens=divisor,
-        )
-    else:
-        terms = engine(
-            *inputs,
-            batch["labels"],
-            teacher_logits=logits,
-            temperature=TEMPERATURE,
-            sft_weight=SFT_WEIGHT,
-            num_valid_tokens=divisor,
-        )
-    if distributed.all_reduce_sum(float(not torch.isfinite(terms.loss))) != 0:
-        raise RuntimeError(f"non-finite loss in the {spec['impl']} step")
-    sync()
-    forward_done = time.perf_counter()
-    engine.backward(terms.loss)
-    sync()
-    backward_done = time.perf_counter()
-    engine.step()
-    sync()
-    end = time.perf_counter()
-    phases = [
-        teacher_done - start,
-        forward_done - teacher_done,
-        backward_done - forward_done,
-        end - backward_done,
-        end - start,
-    ]
-    return _max_over_ranks(phases), distributed.all_reduce_sum(float(terms.loss))
+        started = time.perf_counter()
+        result = trainer.train_step(plan, micro_batches)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        step_s = time.perf_counter() - started
+        times.append(_max_over_ranks([*(timer.seconds[p] for p in PHASES[:-1]), step_s]))
+        losses.append(result["loss"])
+    return times, losses
 
 
 def run_case(spec: dict) -> dict | None:
@@ -267,79 +421,55 @@ def run_case(spec: dict) -> dict | None:
     import torch
 
     from pocl_ds import distributed
-    from pocl_ds.engine import build_ds_config, create_student_engine, create_teacher
     from pocl_ds.generation import generate
-    from pocl_ds.objective import DistillationObjective
+    from pocl_ds.trainer import Trainer
 
     torch.set_num_threads(spec["threads"])
     info = distributed.init_distributed()
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
-    pair = PAIRS[spec["model"]]
-    student = _model(pair["student"], spec["seq"], seed=1)
-    teacher = _model(pair["teacher"], spec["seq"], seed=2)
-    ds_config = build_ds_config(
-        f"ds_configs/zero{spec['zero']}.json",
-        micro_batch_size=spec["batch"],
-        gradient_accumulation_steps=1,
-        world_size=info.world_size,
-        precision="fp32",
-        max_grad_norm=1.0,
-    )
-    if spec["impl"] == "fused":
-        module = DistillationObjective(student, chunk_size=spec["chunk_size"])
-    else:
-        module = _naive_objective_class()(student)
-    engine = create_student_engine(module, ds_config, lr=1e-4, weight_decay=0.0)
-    engine.module.train()
-    teacher = create_teacher(
-        teacher,
-        partition=False,
-        dtype=torch.float32,
-        micro_batch_size=spec["batch"],
-        world_size=info.world_size,
-        device=device,
-    )
-    batches = _batches(spec, info.rank, device)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as output_dir:
+        trainer = Trainer(_build_run(spec, output_dir))
+        engine, teacher = trainer.engine, trainer.teacher
+        timer = PhaseTimer(PHASES[:-1])
+        timer.instrument(teacher.base_model, "forward", "teacher_fwd_s")
+        timer.instrument(engine, "forward", "student_fwd_s")
+        timer.instrument(engine, "backward", "student_bwd_s")
+        timer.instrument(engine, "step", "optimizer_s")
 
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated() / 2**20
-    else:
-        baseline = _rss_mb("VmRSS")
-        if not _reset_peak_rss():
-            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
-    timed, losses = [], []
-    for index, batch in enumerate(batches):
-        phases, loss = _train_step(spec, engine, teacher, batch, info.world_size)
-        losses.append(loss)
-        if index >= spec["warmup"]:
-            timed.append(phases)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**20 - baseline
-    else:
-        peak = _rss_mb("VmHWM") - baseline
-    peak, baseline = _max_over_ranks([peak, baseline])
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated() / 2**20
+        else:
+            baseline = rss_mb("VmRSS")
+            if not reset_peak_rss():
+                raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
+        times, losses = _timed_steps(trainer, timer)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() / 2**20 - baseline
+        else:
+            peak = rss_mb("VmHWM") - baseline
+        peak, baseline = _max_over_ranks([peak, baseline])
 
-    gen = torch.Generator().manual_seed(2000 + info.rank)
-    prompts = torch.randint(0, VOCAB, (spec["batch"], PROMPT_TOKENS), generator=gen).tolist()
-    distributed.barrier()
-    start = time.perf_counter()
-    generate(
-        engine.module.model,
-        prompts,
-        pad_id=0,
-        eos_id=None,
-        max_new_tokens=spec["new_tokens"],
-        batch_size=spec["batch"],
-        synced_gpus=spec["zero"] == 3 and info.world_size > 1,
-        progress=False,
-    )
-    (generate_s,) = _max_over_ranks([time.perf_counter() - start])
+        gen = torch.Generator().manual_seed(2000 + info.rank)
+        prompts = torch.randint(0, VOCAB, (spec["batch"], PROMPT_TOKENS), generator=gen).tolist()
+        distributed.barrier()
+        start = time.perf_counter()
+        generate(
+            engine.module.model,
+            prompts,
+            pad_id=trainer.run_parts.pad_id,
+            eos_id=None,  # every row generates all --new-tokens: the same work for both
+            max_new_tokens=spec["new_tokens"],
+            batch_size=spec["batch"],
+            synced_gpus=trainer.run_parts.zero3 and info.world_size > 1,
+            progress=False,
+        )
+        (generate_s,) = _max_over_ranks([time.perf_counter() - start])
     if info.rank != 0:
         return None
+    timed = times[spec["warmup"] :]
     medians = {name: statistics.median(t[i] for t in timed) for i, name in enumerate(PHASES)}
     tokens = info.world_size * spec["batch"] * spec["seq"]
     return {
@@ -359,12 +489,6 @@ def run_case(spec: dict) -> dict | None:
 # ----------------------------------------------------------------------------- driver
 
 
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("torch", "deepspeed", "transformers")}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from pocl_ds.divergence import DEFAULT_CHUNK_SIZE
 
@@ -379,7 +503,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt")
     parser.add_argument("--prompt-fraction", type=float, default=0.25,
-                        help="leading share of each sequence labelled -100")  # fmt: skip
+                        help="leading share of each sequence that is prompt (no target)")  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument(
         "--threads",
@@ -426,40 +550,6 @@ def _cases(args: argparse.Namespace) -> list[dict]:
                     case = dict(model=model, impl=impl, zero=zero, ranks=ranks)
                     cases.append({**case, **sizes, **shared})
     return cases
-
-
-def _run_in_subprocess(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    # Every block of >= 1 MiB is mmap'ed and unmapped on free, so RSS follows live tensors.
-    env.update(
-        MALLOC_MMAP_THRESHOLD_=str(1 << 20),
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-        OMP_NUM_THREADS=str(spec["threads"]),
-        TOKENIZERS_PARALLELISM="false",
-    )
-    # DeepSpeed's CPU communication op compiles once per machine into this cache (launch/env.sh).
-    env.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "pocl_ds" / "torch_extensions")
-    )
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    script = [str(Path(__file__).resolve()), "--case", json.dumps(spec)]
-    if spec["ranks"] > 1:
-        launcher = ["-m", "torch.distributed.run", "--standalone"]
-        command = [sys.executable, *launcher, f"--nproc_per_node={spec['ranks']}", *script]
-    else:
-        command = [sys.executable, *script]
-    try:
-        done = subprocess.run(
-            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {timeout:.0f}s"}
-    results = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if done.returncode != 0 or not results:
-        tail = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
-        return {"status": f"failed (exit {done.returncode}): {(tail or ['?'])[-1][:200]}"}
-    return {**json.loads(results[-1][len(RESULT_TAG) :]), "status": "ok"}
 
 
 def latest_run(csv_path: Path) -> list[dict]:
@@ -535,8 +625,9 @@ def markdown(rows: list[dict]) -> str:
         f"{first['torch']}, deepspeed {first['deepspeed']}, transformers "
         f"{first['transformers']}, commit {first['commit']}, {first['timestamp']}. Median of "
         f"{first['steps']} steps after {first['warmup']} warm-up; per step the slowest rank's "
-        "phase times. naive = the reference (full-logits KD written in the benchmark). Peak = "
-        "rise of resident memory per rank over the built models and engine, largest rank. "
+        "phase times. Both run the trainer's own step (Trainer.train_step); fused = pocl_ds's "
+        "DistillationObjective, naive = the reference (full-logits KD written in the "
+        "benchmark). Peak = rise of resident memory per rank over the built run, largest rank. "
         "× naive: fused / naive of the same configuration (throughput: higher is better; "
         "memory: lower). Generate: the student continues one 16-token prompt per batch "
         f"row by {first['new_tokens']} tokens on every rank; new tokens/s over all ranks.",
@@ -621,7 +712,7 @@ def _report(csv_path: Path) -> str:
     """Write train.md and train.png next to the CSV from its latest run; return the table."""
     rows = latest_run(csv_path)
     table = markdown(rows)
-    (csv_path.parent / "train.md").write_text(table, encoding="utf-8")
+    write_table("train", table, csv_path.parent)
     plot(rows, csv_path.parent / "train.png")
     return table
 
@@ -629,32 +720,26 @@ def _report(csv_path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.case:
-        result = run_case(json.loads(args.case))
-        if result is not None:
-            print(RESULT_TAG + json.dumps(result), flush=True)
+        return run_requested_case(args.case, run_case)
+    output = Path(args.output_dir)
+    csv_path = output / "train.csv"
+    if args.report:
+        print(_report(existing_csv(csv_path)), flush=True)
         return 0
+    from importlib.metadata import version
+
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shared = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
-        "machine": machine(device),
+        **provenance(device),
         "device": device,
-        **_versions(),
+        "deepspeed": version("deepspeed"),
         "vocab": VOCAB,
         "kind": KIND,
         "temperature": TEMPERATURE,
         "sft_weight": SFT_WEIGHT,
     }
-    output = Path(args.output_dir)
-    csv_path = output / "train.csv"
-    if args.report:
-        if not csv_path.is_file():
-            raise PoclError(f"--report: {csv_path} does not exist; run the benchmark first")
-        print(_report(csv_path), flush=True)
-        return 0
-    output.mkdir(parents=True, exist_ok=True)
     run_started = time.perf_counter()
     cases = _cases(args)
     for spec in cases:
@@ -663,7 +748,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         sys.stderr.flush()
         started = time.perf_counter()
-        result = _run_in_subprocess(spec, args.timeout)
+        result = run_case_in_subprocess(
+            __file__, spec, timeout=args.timeout, ranks=spec["ranks"], threads=spec["threads"]
+        )
         pair = PAIRS[spec["model"]]
         row = {
             **shared, **spec, "teacher": _describe(pair["teacher"]),
@@ -674,13 +761,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{result.get('peak_extra_mb', '-')} MB ({time.perf_counter() - started:.0f}s)\n"
         )
         # written case by case, so an interrupted run keeps what it measured
-        new_file = not csv_path.exists()
-        with csv_path.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in FIELDS})
-        (output / "train.md").write_text(markdown(latest_run(csv_path)), encoding="utf-8")
+        append_rows("train", [row], FIELDS, output)
+        write_table("train", markdown(latest_run(csv_path)), output)
     print(_report(csv_path), flush=True)
     sys.stderr.write(f"{len(cases)} cases in {time.perf_counter() - run_started:.0f}s\n")
     return 0

@@ -15,7 +15,9 @@ plots side by side); rank 0 prints the table, the wall times and POCL's own over
 """
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -25,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pocl_ds.cli import ArgumentParser, run_main
+from pocl_ds.cli import EXIT_CODE_AFTER, ArgumentParser, run_main
 from pocl_ds.config import load_config
 from pocl_ds.errors import PoclError
 
@@ -177,7 +179,7 @@ def write_results(
     out: Path, results: Path, summaries: dict, stage_s: dict, names: dict, started: float
 ) -> str:
     """Rank 0: the method plot, the runs' plots side by side, table.md and summary.json."""
-    from pocl_ds.telemetry import plot_method_scores
+    from pocl_ds.plots import plot_method_scores
 
     report = json.loads((results / "eval" / "eval.json").read_text(encoding="utf-8"))
     per_seed = {
@@ -203,7 +205,7 @@ def write_results(
         f"Greedy validation ROUGE-L: teacher {teacher_val:.2f}, untrained student "
         + ("n/a" if untrained is None else f"{untrained:.2f}")
         + ", best of each student: "
-        + ", ".join(f"{names[r]} {summaries[r]['best_val_rouge_l']:.2f}" for r in summaries)
+        + ", ".join(f"{names[r]} {summaries[r]['best_val_rouge_l']:.2f}" for r, _, _ in STUDENTS)
         + ".",
         "",
         "| stage | wall time (s) |",
@@ -278,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         mark = time.perf_counter()
         config = load_config(RECIPES / recipe, run_overrides(args, data, out, run, recipe))
         summaries[run] = train(config)
+        if summaries[run].get("preempted"):  # Ctrl-C or SIGTERM: the demo always starts over
+            logger.warning("demo: stopped during %s; run it again to start over", name)
+            return EXIT_CODE_AFTER[summaries[run]["signal"]]
         stage_s[f"train {name}"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -293,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         f"--max-prompt-length={max_length - 16}",
         "--batch-size=50",
     ]
-    evaluate_cli.main(evaluate_argv)
+    # launch/evaluate.py prints its table; the demo prints it once, inside its own results.
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluate_cli.main(evaluate_argv)
     stage_s["evaluate"] = time.perf_counter() - mark
 
     if distributed.is_main_process():

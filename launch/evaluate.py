@@ -92,7 +92,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-length", type=int, default=512, help="prompt + response tokens (SPEC: 512)"
     )
     parser.add_argument(
-        "--max-prompt-length", type=int, default=256, help="prompts are cut from the left"
+        "--max-prompt-length",
+        type=int,
+        default=256,
+        help="prompts are cut from the left to this, and further where a model's positions "
+        "would leave no room to answer (the log and eval.json count the cut prompts)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="response tokens at most (default: what --max-length leaves); prompts are cut to "
+        "leave this room in a model's positions (at most half of them)",
     )
     parser.add_argument("--limit", type=int, default=None, help="first N prompts of each suite")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -102,8 +113,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.batch_size < 1 or args.max_length < 2 or (args.limit is not None and args.limit < 1):
-        raise PoclError("--batch-size and --limit must be >= 1 and --max-length >= 2")
+    if (
+        args.batch_size < 1
+        or args.max_length < 2
+        or (args.limit is not None and args.limit < 1)
+        or (args.max_new_tokens is not None and args.max_new_tokens < 1)
+        or args.max_prompt_length < 1
+    ):
+        raise PoclError(
+            "--batch-size, --limit, --max-new-tokens and --max-prompt-length must be >= 1 and "
+            "--max-length >= 2"
+        )
     # Resolve every path before torch loads and the process group starts: a typo fails at once.
     suite_files = {}
     for value in args.data:
@@ -155,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 max_total_length=args.max_length,
                 max_prompt_length=args.max_prompt_length,
+                max_new_tokens=args.max_new_tokens,
             )
         )
         del model  # hold one model at a time

@@ -5,7 +5,11 @@
     torchrun --nproc_per_node 4 launch/train.py --config RECIPE
     mpirun -np 4 python launch/train.py --config RECIPE
 
-A bad recipe, override or data file stops with exit code 2 and one line naming it.
+Options and overrides come in any order. A bad recipe, override or data file stops with exit
+code 2 and one line naming it; so does a new run into an output_dir that holds another run
+(continue it with --resume auto, or set train.overwrite_output_dir=true). Ctrl-C or SIGTERM
+checkpoints after the current step, prints the command that resumes, and exits (130 after
+Ctrl-C, 0 after SIGTERM); a second Ctrl-C exits at once.
 """
 
 import argparse
@@ -14,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pocl_ds.cli import ArgumentParser, run_main
+from pocl_ds.cli import EXIT_CODE_AFTER, ArgumentParser, resume_command, run_main
 from pocl_ds.config import load_config
 
 
@@ -30,7 +34,9 @@ def main() -> int:
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args()
+    # Plain parse_args takes positionals only from before the first option, so an override
+    # after ``--resume auto`` would be an "unrecognized argument".
+    args = parser.parse_intermixed_args()
     config = load_config(args.config, args.overrides)  # before torch loads: fails in a blink
 
     from pocl_ds import distributed, telemetry
@@ -38,8 +44,12 @@ def main() -> int:
 
     info = distributed.init_distributed()
     telemetry.setup_logging(info.rank)
-    train(config, resume=args.resume)
-    return 0
+    summary = train(config, resume=args.resume)
+    if not summary.get("preempted"):
+        return 0
+    if info.rank == 0:
+        print(f"to resume: {resume_command()}", file=sys.stderr, flush=True)
+    return EXIT_CODE_AFTER[summary["signal"]]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ A checkpoint is written as ``step-N.partial/`` and renamed to ``step-N/`` once `
 in it, so a crash (or a full disk) half-way through a save never touches the checkpoints
 before it. A checkpoint counts only once ``COMPLETE`` exists and every file has the size and
 hash it lists; ``--resume auto`` skips a damaged one, saying which and what it uses instead.
+
+A run owns its ``output_dir``: :func:`claim_output_dir` refuses to start a new run into a
+directory that holds another one (checkpoints, ``metrics.jsonl`` or ``final/``), and
+``train.overwrite_output_dir=true`` moves the old run aside to ``<output_dir>.old-<time>``
+first, so two runs never mix.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pocl_ds import distributed
+from pocl_ds import atomic, distributed
+from pocl_ds.engine import gathered_parameters
 from pocl_ds.errors import PoclError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +50,10 @@ PARTIAL_SUFFIX = ".partial"
 # are only size-checked, so verifying a checkpoint of a large model stays a matter of seconds.
 HASH_LIMIT_BYTES = 64 * 2**20
 _TAG = re.compile(r"^step-(\d+)$")
+# What makes a directory hold a run: a start that failed before training leaves only
+# config.yaml, data/ or tokenizer/ (nothing to lose), so those do not count.
+RUN_MARKERS = ("checkpoints", "metrics.jsonl", "final")
+ARCHIVE_INFIX = ".old-"
 
 
 def step_tag(step: int) -> str:
@@ -53,15 +64,6 @@ def _step_of(tag: str) -> int:
     """The step a tag names; -1 for a name that is not a checkpoint tag."""
     match = _TAG.match(tag)
     return int(match.group(1)) if match else -1
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,6 +91,18 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _fsync_files(directory: Path) -> None:
+    """Flush every file under ``directory`` to disk (they were written by DeepSpeed or
+    Hugging Face, which do not), so the rename that publishes them cannot outrun their data."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def manifest(directory: Path) -> dict[str, dict[str, Any]]:
@@ -180,12 +194,13 @@ class CheckpointManager:
         problem = None
         if distributed.is_main_process():
             try:
-                _atomic_write_text(staging / STATE_FILE, json.dumps(trainer_state))
-                _atomic_write_text(
+                atomic.write_text(staging / STATE_FILE, json.dumps(trainer_state))
+                _fsync_files(staging)  # the engine's files, before COMPLETE vouches for them
+                atomic.write_text(
                     staging / COMPLETE, json.dumps({"files": manifest(staging)}, indent=1)
                 )
                 self._publish(staging, self.root / tag)
-                _atomic_write_text(self.root / "latest", tag)
+                atomic.write_text(self.root / "latest", tag)
             except OSError as err:
                 problem = f"checkpoint {self.root / tag}: could not be completed ({err}); {kept}"
             else:
@@ -226,17 +241,22 @@ class CheckpointManager:
         old = final.with_name(final.name + ".old")
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(staging, final)
+            atomic.replace(final, old)
+        atomic.replace(staging, final)
         shutil.rmtree(old, ignore_errors=True)
 
     def mark_best(self, tag: str, metric: float) -> None:
         if distributed.is_main_process():
-            _atomic_write_text(self.root / "best.json", json.dumps({"tag": tag, "metric": metric}))
+            atomic.write_text(self.root / "best.json", json.dumps({"tag": tag, "metric": metric}))
 
     def best(self) -> dict[str, Any] | None:
         path = self.root / "best.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def newest_tag(self) -> str | None:
+        """``latest``, else the newest checkpoint directory (complete or not), else None."""
+        tags = self._tags()
+        return self.latest_tag() or (tags[-1] if tags else None)
 
     def _tags(self) -> list[str]:
         """Checkpoint directories (complete or not), oldest first."""
@@ -326,18 +346,12 @@ class CheckpointManager:
 
 def export_pretrained(engine: Any, tokenizer: Any, output_dir: str | Path) -> Path:
     """Write the student as a Hugging Face model (consolidated from ZeRO-3) with its tokenizer."""
-    import deepspeed
-
     model = engine.module.model
     final = Path(output_dir)
-    params = list(model.parameters())
-    zero3 = any(hasattr(p, "ds_id") for p in params)
-    if zero3:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if distributed.is_main_process():
-                _save_hf(model, tokenizer, final)
-    elif distributed.is_main_process():
-        _save_hf(model, tokenizer, final)
+    # collective: under ZeRO-3 every rank takes part in gathering the whole student
+    with gathered_parameters(*model.parameters()):
+        if distributed.is_main_process():
+            _save_hf(model, tokenizer, final)
     distributed.barrier()
     return final
 
@@ -349,7 +363,70 @@ def _save_hf(model: torch.nn.Module, tokenizer: Any, final: Path) -> None:
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    _fsync_files(tmp)
     if final.exists():
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    atomic.replace(tmp, final)
     logger.info("exported the student to %s", final)
+
+
+# ---------------------------------------------------------------- the run's directory
+def claim_output_dir(output_dir: str | Path, *, resume: str, overwrite: bool) -> None:
+    """Make ``output_dir`` this run's own before anything is written into it (every rank).
+
+    A new run (``resume="none"``) into a directory that holds another run is a ``PoclError``
+    naming it and its latest checkpoint, unless ``overwrite``, which moves the old run to
+    ``<output_dir>.old-<time>`` first. ``--resume auto`` into a directory whose run never
+    wrote a checkpoint moves that run aside too, and starts fresh. Rank 0 decides and acts;
+    every rank raises the same error.
+    """
+    problem = None
+    if distributed.is_main_process():
+        problem = _claim(Path(output_dir), resume=resume, overwrite=overwrite)
+    _collective_check(problem)
+
+
+def _claim(out: Path, *, resume: str, overwrite: bool) -> str | None:
+    if overwrite and resume != "none":
+        return (
+            f"train.overwrite_output_dir=true would move away the run that --resume {resume} "
+            "continues; drop one of the two"
+        )
+    held = [name for name in RUN_MARKERS if _holds(out / name)]
+    manager = CheckpointManager(out)
+    newest = manager.newest_tag()
+    fresh_start = resume == "none" or (resume == "auto" and newest is None)
+    if held and fresh_start:
+        if resume == "none" and not overwrite:
+            return (
+                f"train.output_dir {out} holds a run ({', '.join(held)}; latest checkpoint: "
+                f"{newest or 'none'}): continue it with --resume auto, or set "
+                f"train.overwrite_output_dir=true to move it to {out}{ARCHIVE_INFIX}<time> and "
+                "start over"
+            )
+        stamp = out.name + ARCHIVE_INFIX + time.strftime("%Y%m%d-%H%M%S")
+        archive, count = out.with_name(stamp), 1
+        while archive.exists():  # two runs archived within a second
+            count += 1
+            archive = out.with_name(f"{stamp}-{count}")
+        try:
+            atomic.replace(out, archive)
+        except OSError as err:
+            return f"train.output_dir {out}: could not move its run to {archive} ({err})"
+        logger.warning(
+            "%s held a run (%s%s): moved it to %s; starting fresh",
+            out,
+            ", ".join(held),
+            "" if resume == "none" else ", no checkpoint to resume from",
+            archive,
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"train.output_dir {out}: cannot be created ({err})"
+    return None
+
+
+def _holds(path: Path) -> bool:
+    """A run's file, or a run's directory with something in it."""
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))

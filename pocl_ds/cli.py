@@ -1,4 +1,5 @@
-"""What every launcher shares: argument errors as user errors, and a ``main`` that cannot hang.
+"""What every launcher shares: argument errors as user errors, the command that resumes an
+interrupted run, and a ``main`` that cannot hang.
 
 Kept free of torch imports so a bad recipe or flag is reported in well under a second.
 """
@@ -8,9 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from pocl_ds.errors import PoclError
 
@@ -20,6 +22,45 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise PoclError(f"command line: {message}")
+
+
+# A run stopped by a signal exits as a shell reports it: 130 after Ctrl-C; after SIGTERM (a
+# cluster's preemption notice) 0, as the run saved its work and a requeue resumes it.
+EXIT_CODE_AFTER = {"SIGINT": 130, "SIGTERM": 0}
+
+
+def resume_command(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> str:
+    """The command line that continues this run: this job's launcher (as far as its
+    environment tells), the script with its arguments, and ``--resume auto``."""
+    argv = list(sys.argv if argv is None else argv)
+    env = os.environ if environ is None else environ
+    args, rest = [], iter(argv[1:])
+    for arg in rest:
+        name = arg.split("=", 1)[0]
+        if name in ("--resume", "--local_rank", "--local-rank"):
+            if "=" not in arg:
+                next(rest, None)  # the option's value
+            continue
+        args.append(arg)
+    return shlex.join([*_launcher(env), argv[0], *args, "--resume", "auto"])
+
+
+def _launcher(env: Mapping[str, str]) -> list[str]:
+    """The launcher's command words: torchrun and the DeepSpeed launcher by the variables
+    they set, SLURM by its own, else plain python (mpirun installs no signal handler)."""
+    if "TORCHELASTIC_RUN_ID" in env:
+        nodes = int(env.get("GROUP_WORLD_SIZE", "1"))
+        words = ["torchrun", f"--nproc_per_node={env.get('LOCAL_WORLD_SIZE', '1')}"]
+        return words + ([f"--nnodes={nodes}"] if nodes > 1 else [])
+    if "CROSS_SIZE" in env and "LOCAL_SIZE" in env:  # deepspeed.launcher.launch
+        nodes = int(env["CROSS_SIZE"])
+        words = ["deepspeed", f"--num_gpus={env['LOCAL_SIZE']}"]
+        return words + ([f"--num_nodes={nodes}"] if nodes > 1 else [])
+    if "SLURM_NTASKS" in env:
+        return ["srun", "-n", env["SLURM_NTASKS"], "python"]
+    return ["python"]
 
 
 def _distributed_world() -> tuple[int, int]:

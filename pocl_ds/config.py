@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from pocl_ds.errors import PoclError
+from pocl_ds.methods import method_spec
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -109,8 +110,11 @@ class DistillConfig:
     temperature: float = _field(
         1.0, "distillation temperature tau without a curriculum", low=0.0, low_open=True
     )
-    sft_weight: float = _field(
-        0.0, "alpha, the weight of the ground-truth CE without a curriculum", low=0.0, high=1.0
+    sft_weight: float | None = _field(
+        None,
+        "alpha, the weight of the CE without a curriculum; unset: 0 (kd, gkd); sft/seqkd are 1",
+        low=0.0,
+        high=1.0,
     )
     scale_by_temperature_squared: bool = _field(True, "multiply every divergence by tau^2 (SPEC)")
     on_policy_prob: float = _field(
@@ -134,9 +138,21 @@ class CurriculumConfig:
     )
     rrf_k: int = _field(60, "k of reciprocal rank fusion", low=1)
     temperature_start: float = _field(1.0, "tau_0 at the first stage", low=0.0, low_open=True)
-    temperature_end: float = _field(2.0, "tau_n at the last stage", low=0.0, low_open=True)
-    sft_weight_start: float = _field(0.3, "alpha_0 at the first stage", low=0.0, high=1.0)
-    sft_weight_end: float = _field(0.0, "alpha_n at the last stage", low=0.0, high=1.0)
+    temperature_end: float = _field(
+        2.0,
+        "tau_n at the last stage (below tau_0 for a falling temperature)",
+        low=0.0,
+        low_open=True,
+    )
+    sft_weight_start: float | None = _field(
+        None,
+        "alpha_0 at the first stage; unset: the method's default (0.3 off-policy, 0 for gkd)",
+        low=0.0,
+        high=1.0,
+    )
+    sft_weight_end: float | None = _field(
+        None, "alpha_n at the last stage; unset: the method's default (0)", low=0.0, high=1.0
+    )
     epochs_per_stage: int | None = _field(
         None, "p; unset: equal budget with train.epochs, p = 2E/(n+1)", low=1
     )
@@ -185,6 +201,9 @@ class TrainConfig:
     checkpoint_every_epoch: bool = _field(True, "write a checkpoint at each epoch's end")
     keep_checkpoints: int = _field(2, "complete checkpoints kept besides the best", low=1)
     log_every: int = _field(1, "optimizer steps between metrics lines", low=1)
+    overwrite_output_dir: bool = _field(
+        False, "a new run into an output_dir holding a run moves that run to <dir>.old-<time>"
+    )
 
 
 @dataclass(frozen=True)
@@ -360,7 +379,7 @@ def from_dict(data: Any) -> ExperimentConfig:
 
 def _check_consistency(config: ExperimentConfig) -> None:
     """Rules that span fields."""
-    m, c = config.model, config.curriculum
+    m = config.model
     if m.teacher and m.teacher_config:
         raise PoclError(
             "model.teacher_config: give model.teacher or model.teacher_config, not both"
@@ -371,22 +390,36 @@ def _check_consistency(config: ExperimentConfig) -> None:
         )
     if not (m.student or m.student_config):
         raise PoclError("model.student: missing; name a model/path or give model.student_config")
-    if config.distill.method != "sft" and not (m.teacher or m.teacher_config):
+    if method_spec(config.distill.method).teacher != "none" and not (m.teacher or m.teacher_config):
         raise PoclError(
             f"model.teacher: missing; distill.method={config.distill.method} needs a teacher"
         )
+    _check_sft_weights(config)
     if not config.data.train_path:
         raise PoclError("data.train_path: missing; name the training data file")
-    if c.temperature_end < c.temperature_start:
-        raise PoclError(
-            f"curriculum.temperature_end: got {c.temperature_end}, "
-            f"must be >= curriculum.temperature_start ({c.temperature_start})"
-        )
     split = config.data.split_sizes
     if split is not None and (len(split) != 2 or min(split) < 0):
         raise PoclError(f"data.split_sizes: got {split!r}, expected [valid_size, test_size] >= 0")
     if not config.eval.seeds:
         raise PoclError("eval.seeds: empty; give at least one seed")
+
+
+def _check_sft_weights(config: ExperimentConfig) -> None:
+    """A method whose α is fixed (SFT and SeqKD are CE alone) refuses another α rather than
+    ignoring it; every other method honours what the recipe sets."""
+    spec = method_spec(config.distill.method)
+    if spec.sft_weight is None:
+        return
+    for path, value in (
+        ("distill.sft_weight", config.distill.sft_weight),
+        ("curriculum.sft_weight_start", config.curriculum.sft_weight_start),
+        ("curriculum.sft_weight_end", config.curriculum.sft_weight_end),
+    ):
+        if value is not None and value != spec.sft_weight:
+            raise PoclError(
+                f"{path}: got {value}, but distill.method={spec.name} trains on the CE alone "
+                f"(alpha = {spec.sft_weight:g}); remove the setting or choose another method"
+            )
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, raw: Any) -> None:

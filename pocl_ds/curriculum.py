@@ -7,11 +7,12 @@ single loop::
 
     controller = CurriculumController(plans, patience=..., output_dir=...)
     while (plan := controller.current_plan()) is not None:
-        for epoch in range(plan.epochs):
-            my_indices = shard_indices(plan.sample_indices, rank=..., world_size=...,
-                                       epoch=epoch, seed=seed + plan.stage)
-            ...train, validate...
-            if controller.report_validation(metric):
+        sampler = StageSampler(plan.sample_indices, stage=plan.stage, ...)
+        while True:
+            sampler.set_epoch(controller.epochs_run)
+            for step_batches in sampler:
+                ...train...
+            if controller.report_validation(metric):  # validate at each epoch's end
                 break
         controller.finish_stage(steps=steps_run_in_stage)
 """
@@ -23,14 +24,12 @@ import json
 import logging
 import math
 import os
-import random
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pocl_ds import distributed
+from pocl_ds import atomic, distributed
 from pocl_ds.errors import PoclError
 
 logger = logging.getLogger(__name__)
@@ -137,37 +136,6 @@ def single_stage_plan(
     return [StagePlan(1, tuple(sample_indices), temperature, sft_weight, epochs)]
 
 
-def shard_indices(
-    indices: Sequence[int],
-    *,
-    rank: int,
-    world_size: int,
-    epoch: int,
-    seed: int,
-    drop_last: bool = False,
-) -> list[int]:
-    """This rank's share of one epoch over ``indices``, shuffled by (seed, epoch).
-
-    Every rank computes the same permutation and takes every ``world_size``-th element from
-    position ``rank``, so the shards are disjoint and together cover the stage. Shards have
-    equal length so all ranks run the same number of steps: by default the permutation is
-    padded with its own first ⌈N/w⌉·w − N elements (< w samples seen twice in the epoch, as
-    torch's DistributedSampler does); with ``drop_last`` its last N mod w elements are left out
-    this epoch instead (a different few each epoch).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world of {world_size}")
-    order = list(indices)
-    # A string seed goes through SHA-512, so (seed, epoch) pairs never collide.
-    random.Random(f"pocl-shard:{seed}:{epoch}").shuffle(order)
-    if drop_last:
-        order = order[: len(order) - len(order) % world_size]
-    elif order:
-        padding = -len(order) % world_size
-        order += (order * math.ceil(padding / len(order)))[:padding]
-    return order[rank::world_size]
-
-
 def _plans_digest(plans: Sequence[StagePlan]) -> str:
     text = json.dumps([asdict(p) for p in plans], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -194,7 +162,7 @@ class CurriculumController:
         mode: Literal["max", "min"] = "max",
         min_delta: float = 0.0,
         output_dir: str | os.PathLike | None = None,
-        steps_per_epoch: Callable[[int], int] | None = None,
+        steps_per_epoch: Sequence[int] | None = None,
     ) -> None:
         self.plans: list[StagePlan] = list(distributed.broadcast_object(list(plans)))
         if not self.plans:
@@ -207,7 +175,8 @@ class CurriculumController:
         self.mode = mode
         self.min_delta = min_delta
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.steps_per_epoch = steps_per_epoch
+        # optimizer steps per epoch of each stage (the samplers' lengths), for curriculum.json
+        self.steps_per_epoch = None if steps_per_epoch is None else list(steps_per_epoch)
         self.stage_index = 0
         self.epochs_run = 0
         self.best_metric: float | None = None
@@ -312,9 +281,7 @@ class CurriculumController:
         stages = []
         for i, plan in enumerate(self.plans):
             planned_steps = (
-                plan.epochs * self.steps_per_epoch(len(plan.sample_indices))
-                if self.steps_per_epoch is not None
-                else None
+                plan.epochs * self.steps_per_epoch[i] if self.steps_per_epoch is not None else None
             )
             entry: dict[str, Any] = {
                 "stage": plan.stage,
@@ -337,13 +304,9 @@ class CurriculumController:
         """Rank 0 rewrites ``<output_dir>/curriculum.json`` atomically."""
         if self.output_dir is None or not distributed.is_main_process():
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / CURRICULUM_FILE
-        fd, tmp = tempfile.mkstemp(dir=self.output_dir, prefix=f".{CURRICULUM_FILE}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(self.summary(), handle, indent=1)
-            handle.write("\n")
-        os.replace(tmp, path)
+        atomic.write_text(
+            self.output_dir / CURRICULUM_FILE, json.dumps(self.summary(), indent=1) + "\n"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume mid-stage; plans are checked, not stored."""

@@ -473,10 +473,14 @@ def tokenize_samples(
 
 
 def prompt_bos(tokenizer: Any) -> list[int]:
-    """[bos_id] when the tokenizer's default encoding starts with BOS, else []."""
+    """[bos_id] when the tokenizer's default encoding starts with BOS, else [].
+
+    The default encoding decides, not whether BOS and EOS share a token: GPT-2's
+    ``<|endoftext|>`` is both and is never added, while OPT's ``</s>`` is both and is
+    prepended to every text the model was trained on.
+    """
     bos_id = tokenizer.bos_token_id
-    if bos_id is None or bos_id == tokenizer.eos_token_id:
-        # GPT-2 style: BOS doubles as EOS and is never added by default.
+    if bos_id is None:
         return []
     probe = tokenizer("a")["input_ids"]
     return [bos_id] if probe[:1] == [bos_id] else []

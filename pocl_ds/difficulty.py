@@ -13,7 +13,6 @@ ranks and caches the scores in the run directory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,8 +20,7 @@ import logging
 import math
 import os
 import random
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,11 +28,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from pocl_ds import distributed
-from pocl_ds.data import TokenizedSample, collate_for_training
+from pocl_ds import atomic, distributed
+from pocl_ds.data import IGNORE_INDEX, TokenizedSample, collate_for_training
+from pocl_ds.engine import weights_fingerprint
 from pocl_ds.errors import PoclError
-from pocl_ds.generation import distributed_generate, unwrap_model
+from pocl_ds.generation import distributed_generate
 from pocl_ds.metrics import rouge_l
+from pocl_ds.models import unwrap_model
 from pocl_ds.telemetry import progress
 
 logger = logging.getLogger(__name__)
@@ -240,26 +240,6 @@ def build_result(
 # ---------------------------------------------------------------------------- fingerprints
 
 
-def _gathered(param: torch.nn.Parameter) -> contextlib.AbstractContextManager:
-    # ZeRO-3 leaves each rank a shard; gathering is collective, so every rank must enter it.
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's name, dtype, shape and bytes (collective under ZeRO-3)."""
-    digest = hashlib.sha256()
-    for name, param in unwrap_model(model).named_parameters():
-        with _gathered(param):
-            tensor = param.detach().cpu().contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def data_fingerprint(samples: Sequence[TokenizedSample]) -> str:
     """SHA-256 of the samples' indices, token ids and references, in order."""
     digest = hashlib.sha256()
@@ -279,21 +259,6 @@ def meta_path_for(cache_path: str | os.PathLike) -> Path:
     return path.with_name(path.name.split(".")[0] + ".meta.json")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_cache(
     cache_path: str | os.PathLike,
     result: DifficultyResult,
@@ -308,14 +273,14 @@ def write_cache(
     """
     body = "".join(json.dumps(dataclasses.asdict(record)) + "\n" for record in result.records)
     path = Path(cache_path)
-    _write_atomic(path, body)
+    atomic.write_text(path, body)
     meta = {
         "key": dict(key),
         "ordering": dict(ordering),
         "num_samples": len(result.records),
         "jsonl_sha256": hashlib.sha256(body.encode("utf-8")).hexdigest(),
     }
-    _write_atomic(meta_path_for(path), json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    atomic.write_text(meta_path_for(path), json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def _key_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -377,11 +342,6 @@ def _global_batches(samples: Sequence[TokenizedSample], batch_size: int) -> list
     return [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
 
 
-def _rank_share(num_items: int) -> Iterator[int]:
-    """Item b goes to rank b % world: round-robin keeps the long batches spread out."""
-    return iter(range(distributed.rank(), num_items, distributed.world_size()))
-
-
 @torch.no_grad()
 def _cross_entropy_batch(
     module: torch.nn.Module, samples: Sequence[TokenizedSample], pad_id: int
@@ -393,9 +353,9 @@ def _cross_entropy_batch(
     logits = module(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
     labels = batch["labels"][:, 1:].to(device)  # [B, T-1]; logits at t predict token t+1
     token_ce = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
     )  # [B, T-1]
-    mask = labels != -100
+    mask = labels != IGNORE_INDEX
     per_sample = (token_ce * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     return per_sample.cpu().tolist()
 
@@ -414,9 +374,10 @@ def score_samples(
 ) -> tuple[list[float], list[float]]:
     """(ce, rouge_l) of every sample, aligned with ``samples``, on every rank.
 
-    Collective: every rank calls it with the same samples, scores its round-robin share of the
-    globally formed batches, and the shares are all-gathered. ``synced_gpus`` (ZeRO-3) makes
-    ranks with fewer batches run throw-away forwards so each rank joins every parameter gather.
+    Collective: every rank calls it with the same samples and scores its round-robin share of
+    the globally formed batches (``distributed.score_and_gather``). ``synced_gpus`` (ZeRO-3)
+    makes ranks with fewer batches run throw-away forwards so each rank joins every parameter
+    gather. Greedy outputs never contain ids past ``len(tokenizer)``.
     """
     module = unwrap_model(model)
     was_training = module.training
@@ -424,19 +385,26 @@ def score_samples(
     try:
         batches = _global_batches(samples, batch_size)
         world = distributed.world_size()
-        rounds = math.ceil(len(batches) / world)
-        mine = list(_rank_share(len(batches)))
-        local_ce: dict[int, float] = {}
-        bar = progress(total=len(batches), desc="difficulty: cross-entropy", unit="batch")
-        for step in range(rounds):
-            if step < len(mine):
-                positions = batches[mine[step]]
-                values = _cross_entropy_batch(module, [samples[p] for p in positions], pad_id)
-                local_ce.update(zip(positions, values, strict=True))
-            elif synced_gpus:
-                _cross_entropy_batch(module, [samples[p] for p in batches[0]], pad_id)
-            bar.update(min(world, len(batches) - step * world))
-        bar.close()
+
+        def cross_entropy_share(share: list[list[int]]) -> list[list[float]]:
+            values = []
+            bar = progress(total=len(batches), desc="difficulty: cross-entropy", unit="batch")
+            for step in range(math.ceil(len(batches) / world)):
+                if step < len(share):
+                    values.append(
+                        _cross_entropy_batch(module, [samples[p] for p in share[step]], pad_id)
+                    )
+                elif synced_gpus:
+                    _cross_entropy_batch(module, [samples[p] for p in batches[0]], pad_id)
+                bar.update(min(world, len(batches) - step * world))
+            bar.close()
+            return values
+
+        per_batch = distributed.score_and_gather(batches, cross_entropy_share)
+        ce = [0.0] * len(samples)
+        for positions, values in zip(batches, per_batch, strict=True):
+            for p, value in zip(positions, values, strict=True):
+                ce[p] = value
 
         outputs = distributed_generate(
             model,
@@ -447,23 +415,22 @@ def score_samples(
             max_total_length=max_total_length,
             batch_size=batch_size,
             greedy=True,
+            vocab_size=len(tokenizer),
             synced_gpus=synced_gpus,
             desc="difficulty: greedy outputs",
         )
-        local_rouge = {
-            p: rouge_l(
-                tokenizer.decode(outputs[p], skip_special_tokens=True), samples[p].references
-            )
-            for p in _rank_share(len(samples))
-        }
+        rouge = distributed.score_and_gather(
+            list(range(len(samples))),
+            lambda share: [
+                rouge_l(
+                    tokenizer.decode(outputs[p], skip_special_tokens=True), samples[p].references
+                )
+                for p in share
+            ],
+        )
     finally:
         module.train(was_training)
-    ce: dict[int, float] = {}
-    rouge: dict[int, float] = {}
-    for rank_ce, rank_rouge in distributed.all_gather_objects((local_ce, local_rouge)):
-        ce.update(rank_ce)
-        rouge.update(rank_rouge)
-    return [ce[p] for p in range(len(samples))], [rouge[p] for p in range(len(samples))]
+    return ce, rouge
 
 
 def measure_difficulty(
@@ -500,17 +467,19 @@ def measure_difficulty(
     # Fail on bad options before the expensive part, not after it.
     partition(sample_ids, num_subsets)
     check_options(rank_by=rank_by, order=order)
+    scoring = {
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "max_total_length": max_total_length,
+        "pad_id": pad_id,
+        "eos_id": eos_id,
+    }
     key = {
         "version": CACHE_VERSION,
+        # the fingerprint gathers a ZeRO-3 model: only worth it when there is a cache
         "weights": weights_fingerprint(model) if cache_path is not None else None,
         "data": data_fingerprint(samples),
-        "scoring": {
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens,
-            "max_total_length": max_total_length,
-            "pad_id": pad_id,
-            "eos_id": eos_id,
-        },
+        "scoring": scoring,
         "extra": dict(cache_key or {}),
     }
     ordering = {
@@ -520,26 +489,12 @@ def measure_difficulty(
         "seed": seed,
         "rrf_k": rrf_k,
     }
-    cached, reason = None, "no cache path"
-    if cache_path is not None and distributed.is_main_process():
-        cached, reason = read_cache(cache_path, key=key, sample_ids=sample_ids)
-    cached, reason = distributed.broadcast_object((cached, reason))
+    cached = _cached_scores(cache_path, key, sample_ids)
     if cached is not None:
-        logger.info("difficulty: reusing scores from %s", cache_path)
         ce, rouge = cached
     else:
-        if cache_path is not None and distributed.is_main_process():
-            logger.info("difficulty: recomputing (%s)", reason)
         ce, rouge = score_samples(
-            model,
-            samples,
-            tokenizer=tokenizer,
-            pad_id=pad_id,
-            eos_id=eos_id,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            max_total_length=max_total_length,
-            synced_gpus=synced_gpus,
+            model, samples, tokenizer=tokenizer, synced_gpus=synced_gpus, **scoring
         )
     result = build_result(
         sample_ids,
@@ -556,6 +511,21 @@ def measure_difficulty(
         write_cache(cache_path, result, key=key, ordering=ordering)
     _log_summary(result)
     return result
+
+
+def _cached_scores(
+    cache_path: str | os.PathLike | None, key: Mapping[str, Any], sample_ids: Sequence[int]
+) -> tuple[list[float], list[float]] | None:
+    """(ce, rouge_l) from the cache when its key matches (rank 0 reads, all ranks get it)."""
+    cached, reason = None, "no cache path"
+    if cache_path is not None and distributed.is_main_process():
+        cached, reason = read_cache(cache_path, key=key, sample_ids=sample_ids)
+    cached, reason = distributed.broadcast_object((cached, reason))
+    if cached is not None:
+        logger.info("difficulty: reusing scores from %s", cache_path)
+    elif cache_path is not None and distributed.is_main_process():
+        logger.info("difficulty: recomputing (%s)", reason)
+    return cached
 
 
 def _log_summary(result: DifficultyResult) -> None:

@@ -20,8 +20,9 @@ import logging
 import os
 import socket
 import subprocess
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,8 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,34 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def score_and_gather(
+    items: Sequence[Item], score_share: Callable[[list[Item]], Sequence[Result]]
+) -> list[Result]:
+    """Each rank scores its share of ``items``; every rank returns all results in item order.
+
+    Collective: every rank passes the same ``items``. Rank r gets items r, r + world,
+    r + 2·world, ... (round robin, so a list sorted by cost spreads the costly items evenly)
+    and ``score_share`` returns one picklable result per item of that share, which may be
+    empty. A result depends only on its item, never on the number of ranks, so one rank and
+    many give the same list.
+    """
+    world, me = world_size(), rank()
+    share = list(items[me::world])
+    results = list(score_share(share))
+    if len(results) != len(share):
+        raise ValueError(f"score_share returned {len(results)} results for {len(share)} items")
+    merged: list[Any] = [None] * len(items)
+    for source, part in enumerate(all_gather_objects(results)):
+        expected = len(range(source, len(items), world))
+        if len(part) != expected:
+            raise RuntimeError(
+                f"rank {source} scored {len(part)} items where {expected} were its share: every "
+                "rank must pass the same items to score_and_gather"
+            )
+        merged[source::world] = part
+    return merged
 
 
 def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:

@@ -6,7 +6,9 @@ and precision marked ``"auto"`` there are filled from the recipe so the two neve
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from pocl_ds.errors import PoclError
+from pocl_ds.models import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -198,3 +201,41 @@ def create_teacher(
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     engine.eval()
     return engine.module
+
+
+def gathered_parameters(*params: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    """A context in which ZeRO-3-partitioned parameters (an output head, say) are whole.
+
+    Call the loss inside it, passing the parameters themselves, so that autograd delivers the
+    weight gradient to the partitioned parameter and DeepSpeed's hooks reduce-scatter it:
+
+        with gathered_parameters(student_head.weight, teacher_head.weight):
+            loss = fused_linear_distill_loss(h_s, student_head.weight, h_t, ...)
+        engine.backward(loss)
+
+    Parameters that are not partitioned (no `ds_id`) or None pass through untouched.
+    """
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if partitioned:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        # A parameter the engine's forward already gathered (a tied embedding, still active
+        # in its submodule) must not be gathered again: releasing it at the block's end would
+        # free it under that submodule. DeepSpeed releases it after the forward as usual.
+        partitioned = [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's name, dtype, shape and bytes (collective under ZeRO-3)."""
+    digest = hashlib.sha256()
+    for name, param in unwrap_model(model).named_parameters():
+        with gathered_parameters(param):
+            tensor = param.detach().cpu().contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -24,19 +24,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from pocl_ds import distributed
-from pocl_ds.data import prompt_bos
+from pocl_ds import atomic, distributed
+from pocl_ds.data import IGNORE_INDEX, TokenizedSample, collate_for_training, prompt_bos
 from pocl_ds.errors import PoclError
-from pocl_ds.generation import distributed_generate, unwrap_model
+from pocl_ds.generation import distributed_generate
 from pocl_ds.metrics import exact_match, rouge_l
+from pocl_ds.models import unwrap_model
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 DEFAULT_MAX_TOTAL_LENGTH = 512
 DEFAULT_MAX_PROMPT_LENGTH = 256
+# SPEC: plain sampling at temperature 1, no top-k/top-p filtering
+SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+REPORTED_AS = {
+    "scale": "ROUGE-L F and exact match x 100, mean over prompts per seed",
+    "std": "population (ddof=0) over seeds",
+}
 EVAL_JSON = "eval.json"
 GENERATIONS_JSONL = "generations.jsonl"
 TABLE_MD = "table.md"
@@ -44,13 +52,18 @@ TABLE_MD = "table.md"
 
 @dataclass(frozen=True)
 class SuiteScores:
-    """One model on one suite: per-seed means over prompts, on the ×100 scale."""
+    """One model on one suite: per-seed means over prompts, on the ×100 scale.
+
+    ``prompts_cut`` counts the prompts cut from the left (to ``max_prompt_length`` or to fit
+    the model's positions).
+    """
 
     model: str
     suite: str
     num_prompts: int
     rouge_l: dict[int, float]
     exact_match: dict[int, float]
+    prompts_cut: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,19 +130,41 @@ def encode_prompts(
     return encoded, cut
 
 
+def prompt_limit(
+    positions: int | None,
+    *,
+    max_total_length: int,
+    max_prompt_length: int | None,
+    max_new_tokens: int | None,
+) -> int | None:
+    """The most prompt tokens a model is given: ``max_prompt_length``, and few enough to leave
+    room for the answer in the model's ``positions`` (None: unknown, no such limit).
+
+    The room kept is ``max_new_tokens``, else what the settings leave an answer
+    (``max_total_length - max_prompt_length``: 256 under SPEC's 512/256), else one token; it
+    is at most half of the positions. A model with SPEC's 512 positions or more is never cut
+    beyond ``max_prompt_length``; a 128-position one gets prompts of at most 64 tokens.
+    """
+    if positions is None:
+        return max_prompt_length
+    if max_new_tokens is not None:
+        room = max_new_tokens
+    elif max_prompt_length is not None:
+        room = max_total_length - max_prompt_length
+    else:
+        room = 1
+    fit = positions - min(max(room, 1), positions // 2)
+    return fit if max_prompt_length is None else min(max_prompt_length, fit)
+
+
 def _score_shared(
     generations: Sequence[str], references: Sequence[Sequence[str]]
 ) -> list[tuple[float, float]]:
-    """(ROUGE-L, exact match) per generation; each rank scores every world_size-th one."""
-    world, rank = distributed.world_size(), distributed.rank()
-    mine = {
-        i: (rouge_l(generations[i], references[i]), exact_match(generations[i], references[i]))
-        for i in range(rank, len(generations), world)
-    }
-    merged: dict[int, tuple[float, float]] = {}
-    for part in distributed.all_gather_objects(mine):
-        merged.update(part)
-    return [merged[i] for i in range(len(generations))]
+    """(ROUGE-L, exact match) per generation, scored across ranks."""
+    return distributed.score_and_gather(
+        list(zip(generations, references, strict=True)),
+        lambda share: [(rouge_l(text, refs), exact_match(text, refs)) for text, refs in share],
+    )
 
 
 def evaluate_model(
@@ -143,6 +178,7 @@ def evaluate_model(
     batch_size: int = 8,
     max_total_length: int = DEFAULT_MAX_TOTAL_LENGTH,
     max_prompt_length: int | None = DEFAULT_MAX_PROMPT_LENGTH,
+    max_new_tokens: int | None = None,
     synced_gpus: bool = False,
     progress: bool = True,
 ) -> EvalReport:
@@ -157,67 +193,47 @@ def evaluate_model(
         seeds: sampling seeds; with ``greedy`` only the first is run (greedy ignores it).
         max_total_length: prompt + response tokens at most (SPEC: 512).
         max_prompt_length: prompts are cut from the left to this many tokens (None: never).
+            Prompts are also cut to fit the model's positions (see ``prompt_limit``).
+        max_new_tokens: response tokens at most; None: as many as ``max_total_length``
+            leaves (SPEC).
         synced_gpus: keep ranks' forwards in step (a ZeRO-3 partitioned model).
     """
-    if not seeds:
-        raise PoclError("evaluation needs at least one seed (e.g. --seeds 10 20 30 40 50)")
-    if not suites:
-        raise PoclError("evaluation needs at least one suite (e.g. --data dolly.jsonl)")
-    run_seeds = [int(seeds[0])] if greedy else [int(s) for s in seeds]
-    if greedy and len(seeds) > 1:
-        logger.info("greedy decoding is deterministic: running seed %d only", run_seeds[0])
-    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise PoclError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} needs EOS and PAD tokens; "
-            "load it with pocl_ds.models.load_tokenizer"
-        )
-    limit = getattr(unwrap_model(model).config, "max_position_embeddings", None)
-    if isinstance(limit, int) and limit < max_total_length:
-        logger.warning(
-            "%s: the model has %d positions, fewer than max_total_length=%d; generating up to %d",
-            name,
-            limit,
-            max_total_length,
-            limit,
-        )
+    run_seeds = _check_inputs(tokenizer, suites, seeds, greedy=greedy)
     report = EvalReport(
         settings={
             "seeds": run_seeds,
             "greedy": greedy,
-            "temperature": 1.0,
-            "top_k": 0,
-            "top_p": 1.0,
+            **SAMPLING,
             "max_total_length": max_total_length,
             "max_prompt_length": max_prompt_length,
+            "max_new_tokens": max_new_tokens,
             "batch_size": batch_size,
             "world_size": distributed.world_size(),
-            "scale": "ROUGE-L F and exact match x 100, mean over prompts per seed",
-            "std": "population (ddof=0) over seeds",
+            **REPORTED_AS,
         }
     )
+    positions = _model_positions(model, name=name, max_total_length=max_total_length)
+    room = {"max_prompt_length": max_prompt_length, "max_new_tokens": max_new_tokens}
+    fitted_prompt_length = prompt_limit(positions, max_total_length=max_total_length, **room)
     for suite, samples in suites.items():
         if not samples:
             raise PoclError(f"evaluation suite {suite!r} has no samples")
         texts = [sample.prompt for sample in samples]
-        references = [tuple(sample.references) for sample in samples]
-        prompt_ids, cut = encode_prompts(tokenizer, texts, max_prompt_length=max_prompt_length)
+        prompt_ids, cut = encode_prompts(tokenizer, texts, max_prompt_length=fitted_prompt_length)
         if cut:
             logger.info(
-                "%s: %d of %d prompts cut from the left to %s tokens",
-                suite,
-                cut,
-                len(texts),
-                max_prompt_length,
+                f"{name} on {suite}: {cut} of {len(texts)} prompts cut from the left to "
+                f"{fitted_prompt_length} tokens (max_prompt_length {max_prompt_length}, "
+                f"{positions} model positions)"
             )
-        rouge_by_seed: dict[int, float] = {}
-        em_by_seed: dict[int, float] = {}
+        scores = SuiteScores(name, suite, len(samples), rouge_l={}, exact_match={}, prompts_cut=cut)
         for seed in run_seeds:
             tokens = distributed_generate(
                 model,
                 prompt_ids,
                 pad_id=tokenizer.pad_token_id,
                 eos_id=tokenizer.eos_token_id,
-                max_new_tokens=max_total_length,
+                max_new_tokens=max_total_length if max_new_tokens is None else max_new_tokens,
                 max_total_length=max_total_length,
                 batch_size=batch_size,
                 greedy=greedy,
@@ -228,43 +244,129 @@ def evaluate_model(
                 desc=f"{name} {suite} seed {seed}",
             )
             outputs = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-            scored = _score_shared(outputs, references)
-            rouge_by_seed[seed] = 100.0 * sum(r for r, _ in scored) / len(scored)
-            em_by_seed[seed] = 100.0 * sum(e for _, e in scored) / len(scored)
-            report.generations.extend(
-                GenerationRecord(
-                    model=name,
-                    suite=suite,
-                    seed=seed,
-                    index=getattr(sample, "index", position),
-                    prompt=text,
-                    generation=output,
-                    references=refs,
-                    rouge_l=100.0 * rouge,
-                    exact_match=em,
-                )
-                for position, (sample, text, output, refs, (rouge, em)) in enumerate(
-                    zip(samples, texts, outputs, references, scored, strict=True)
-                )
-            )
-            logger.info(
-                "%s on %s, seed %d: ROUGE-L %.2f, exact match %.2f",
-                name,
-                suite,
-                seed,
-                rouge_by_seed[seed],
-                em_by_seed[seed],
-            )
-        report.scores.append(
-            SuiteScores(
-                model=name,
-                suite=suite,
-                num_prompts=len(samples),
-                rouge_l=rouge_by_seed,
-                exact_match=em_by_seed,
-            )
-        )
+            report.generations.extend(_score_seed(scores, seed, samples, outputs))
+        report.scores.append(scores)
     return report
+
+
+def _check_inputs(
+    tokenizer: Any, suites: Mapping[str, Sequence[Any]], seeds: Sequence[int], *, greedy: bool
+) -> list[int]:
+    """The seeds to run (greedy needs one), after refusing what cannot be evaluated."""
+    if not seeds:
+        raise PoclError("evaluation needs at least one seed (e.g. --seeds 10 20 30 40 50)")
+    if not suites:
+        raise PoclError("evaluation needs at least one suite (e.g. --data dolly.jsonl)")
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise PoclError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} needs EOS and PAD tokens; "
+            "load it with pocl_ds.models.load_tokenizer"
+        )
+    if greedy and len(seeds) > 1:
+        logger.info("greedy decoding is deterministic: running seed %d only", int(seeds[0]))
+    return [int(seeds[0])] if greedy else [int(s) for s in seeds]
+
+
+def _model_positions(model: nn.Module, *, name: str, max_total_length: int) -> int | None:
+    """The model's position count (None when it has no such limit), warning when it is below
+    ``max_total_length``: generation then stops at the model's last position."""
+    positions = getattr(unwrap_model(model).config, "max_position_embeddings", None)
+    positions = positions if isinstance(positions, int) and positions > 0 else None
+    if positions is not None and positions < max_total_length:
+        logger.warning(
+            "%s: the model has %d positions, fewer than max_total_length=%d; generating up to %d",
+            name,
+            positions,
+            max_total_length,
+            positions,
+        )
+    return positions
+
+
+def _score_seed(
+    scores: SuiteScores, seed: int, samples: Sequence[Any], outputs: Sequence[str]
+) -> list[GenerationRecord]:
+    """Score one seed's outputs into ``scores``; the per-prompt records."""
+    references = [tuple(sample.references) for sample in samples]
+    scored = _score_shared(outputs, references)
+    scores.rouge_l[seed] = 100.0 * sum(r for r, _ in scored) / len(scored)
+    scores.exact_match[seed] = 100.0 * sum(e for _, e in scored) / len(scored)
+    logger.info(
+        "%s on %s, seed %d: ROUGE-L %.2f, exact match %.2f",
+        scores.model,
+        scores.suite,
+        seed,
+        scores.rouge_l[seed],
+        scores.exact_match[seed],
+    )
+    return [
+        GenerationRecord(
+            model=scores.model,
+            suite=scores.suite,
+            seed=seed,
+            index=getattr(sample, "index", position),
+            prompt=sample.prompt,
+            generation=output,
+            references=refs,
+            rouge_l=100.0 * rouge,
+            exact_match=em,
+        )
+        for position, (sample, output, refs, (rouge, em)) in enumerate(
+            zip(samples, outputs, references, scored, strict=True)
+        )
+    ]
+
+
+@torch.no_grad()
+def validation_scores(
+    model: nn.Module,
+    samples: Sequence[TokenizedSample],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    rouge_samples: int | None,
+    max_new_tokens: int,
+    max_total_length: int,
+    vocab_size: int,
+    synced_gpus: bool,
+    device: torch.device,
+) -> dict[str, float]:
+    """A training run's validation: the student's CE on the validation responses (mean over
+    tokens) and the greedy ROUGE-L ×100 of its answers to the first ``rouge_samples`` prompts.
+
+    Collective. Each rank takes every world-th batch for the CE; a rank with no batch left
+    repeats the first one uncounted, as a ZeRO-3 model needs every rank's forward.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    pad_id = tokenizer.pad_token_id
+    loss_sum, count = 0.0, 0
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    for b in range(rank, len(batches) + (-len(batches)) % world, world):
+        chunk = batches[b] if b < len(batches) else batches[0]
+        batch = {k: v.to(device) for k, v in collate_for_training(chunk, pad_id).items()}
+        loss = model(**batch).loss
+        if b < len(batches):
+            tokens = int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
+            loss_sum += float(loss) * tokens
+            count += tokens
+    val_loss = distributed.all_reduce_sum(loss_sum) / max(1.0, distributed.all_reduce_sum(count))
+    scored = samples[: rouge_samples or len(samples)]
+    outputs = distributed_generate(
+        model,
+        [s.prompt_ids for s in scored],
+        pad_id=pad_id,
+        eos_id=tokenizer.eos_token_id,
+        max_new_tokens=max_new_tokens,
+        max_total_length=max_total_length,
+        batch_size=batch_size,
+        greedy=True,
+        synced_gpus=synced_gpus,
+        vocab_size=vocab_size,
+        desc="validation",
+    )
+    texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+    rouge = [r for r, _ in _score_shared(texts, [s.references for s in scored])]
+    return {"val_loss": val_loss, "val_rouge_l": 100.0 * sum(rouge) / len(rouge)}
 
 
 def merge_reports(reports: Sequence[EvalReport]) -> EvalReport:
@@ -290,6 +392,7 @@ def evaluate(
     batch_size: int = 8,
     max_total_length: int = DEFAULT_MAX_TOTAL_LENGTH,
     max_prompt_length: int | None = DEFAULT_MAX_PROMPT_LENGTH,
+    max_new_tokens: int | None = None,
     synced_gpus: bool = False,
     progress: bool = True,
     output_dir: str | Path | None = None,
@@ -318,6 +421,7 @@ def evaluate(
                 batch_size=batch_size,
                 max_total_length=max_total_length,
                 max_prompt_length=max_prompt_length,
+                max_new_tokens=max_new_tokens,
                 synced_gpus=synced_gpus,
                 progress=progress,
             )
@@ -377,6 +481,7 @@ def report_to_json(report: EvalReport) -> dict[str, Any]:
         suites = {
             s.suite: {
                 "num_prompts": s.num_prompts,
+                "prompts_cut": s.prompts_cut,
                 "rouge_l": summary(s.rouge_l),
                 "exact_match": summary(s.exact_match),
             }
@@ -395,19 +500,22 @@ def write_report(report: EvalReport, output_dir: str | Path) -> Path:
     """Write eval.json, generations.jsonl and table.md (rank 0 only); returns the directory."""
     directory = Path(output_dir)
     if distributed.is_main_process():
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / EVAL_JSON).write_text(
-            json.dumps(report_to_json(report), indent=2) + "\n", encoding="utf-8"
+        atomic.write_text(
+            directory / EVAL_JSON, json.dumps(report_to_json(report), indent=2) + "\n"
         )
-        with (directory / GENERATIONS_JSONL).open("w", encoding="utf-8") as handle:
-            for record in report.generations:
-                handle.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
-        (directory / TABLE_MD).write_text(
+        atomic.write_text(
+            directory / GENERATIONS_JSONL,
+            "".join(
+                json.dumps(asdict(record), ensure_ascii=False) + "\n"
+                for record in report.generations
+            ),
+        )
+        atomic.write_text(
+            directory / TABLE_MD,
             "ROUGE-L (×100), mean ± std over seeds\n\n"
             + format_table(report)
             + "\nExact match (×100), mean ± std over seeds\n\n"
             + format_table(report, metric="exact_match"),
-            encoding="utf-8",
         )
         logger.info("evaluation written to %s", directory)
     distributed.barrier()

@@ -6,9 +6,9 @@ evaluation. The decoding loop calls the Hugging Face model's ``forward`` itself 
 
 - A prompt's output does not depend on where it runs. Batches are formed from the whole
   prompt list (sorted by length, then chunked) before they are dealt to ranks, and each
-  prompt samples from its own ``torch.Generator`` seeded by ``(seed, prompt index)``. One
-  rank and two ranks therefore compute the same batches and draw the same numbers: the
-  outputs are bit-identical.
+  prompt samples from its own ``torch.Generator`` seeded by ``(seed, prompt index)`` (or by a
+  seed the caller gives per prompt). One rank and two ranks therefore compute the same batches
+  and draw the same numbers: the outputs are bit-identical.
 - Left padding with position ids taken from the attention mask, so a padded prompt sees the
   positions it would see alone.
 - Under ZeRO-3 every forward is a collective (parameters are gathered layer by layer), so with
@@ -23,37 +23,29 @@ import inspect
 import logging
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 from pocl_ds import distributed
 from pocl_ds.errors import PoclError
+from pocl_ds.models import unwrap_model
 from pocl_ds.telemetry import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
 
-def unwrap_model(model: nn.Module) -> PreTrainedModel:
-    """The Hugging Face model inside wrappers; a bare Hugging Face model is returned as is.
+class Generations(NamedTuple):
+    """New tokens per prompt (EOS stripped) and whether each one ended with an EOS.
 
-    DeepSpeed engines and DDP keep their module as ``.module``; the trainer's loss wrapper
-    keeps the language model as ``.model``.
+    ``finished[i]`` is False when prompt ``i`` ran out of its token budget (``max_new_tokens``
+    or the total length limit): its answer is cut off, not complete.
     """
-    while not isinstance(model, PreTrainedModel):
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "model", None)
-        if not isinstance(inner, nn.Module):
-            raise PoclError(
-                f"cannot generate with a {type(model).__name__}: pass a Hugging Face causal LM "
-                "or a DeepSpeed engine around one"
-            )
-        model = inner
-    return model
+
+    tokens: list[list[int]]
+    finished: list[bool]
 
 
 def plan_batches(prompt_lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -68,9 +60,13 @@ def plan_batches(prompt_lengths: Sequence[int], batch_size: int) -> list[list[in
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def prompt_seed(seed: int, prompt_index: int) -> int:
-    """The 63-bit seed of one prompt's sampler, a hash of ``(seed, prompt_index)``."""
-    digest = hashlib.sha256(f"{seed}:{prompt_index}".encode()).digest()
+def prompt_seed(*keys: int) -> int:
+    """The 63-bit seed of one prompt's sampler, a hash of its keys, e.g. ``(seed, prompt_index)``.
+
+    Distinct key tuples give unrelated seeds (``(42, 1)`` and ``(43, 0)`` share nothing), so
+    callers can key a prompt by everything that should make its draws differ.
+    """
+    digest = hashlib.sha256(":".join(str(int(key)) for key in keys).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -167,26 +163,29 @@ def _sample(
 def _decode_batch(
     adapter: _ForwardAdapter,
     prompts: list[Sequence[int]],
-    prompt_indices: list[int],
+    seeds: list[int],
     budgets: list[int],
     *,
     pad_id: int,
     eos_ids: torch.Tensor,
     greedy: bool,
     temperature: float,
-    seed: int,
     vocab_size: int | None,
     use_cache: bool,
     synced: bool,
     device: torch.device,
-) -> list[list[int]]:
-    """Generate for one batch (possibly empty, on a rank that only keeps peers in step)."""
+) -> tuple[list[list[int]], list[bool]]:
+    """Generate for one batch (possibly empty, on a rank that only keeps peers in step).
+
+    Returns the new tokens of each row and whether the row stopped at an EOS.
+    """
     size = len(prompts)
     finished = torch.tensor([budget <= 0 for budget in budgets], dtype=torch.bool)
+    ended_with_eos = torch.zeros(size, dtype=torch.bool)
     outputs: list[list[int]] = [[] for _ in range(size)]
     generators = []
     if not greedy:
-        generators = [torch.Generator().manual_seed(prompt_seed(seed, i)) for i in prompt_indices]
+        generators = [torch.Generator().manual_seed(row_seed) for row_seed in seeds]
     if size:
         width = max(len(p) for p in prompts)
         input_ids = torch.full((size, width), pad_id, dtype=torch.long)
@@ -217,6 +216,7 @@ def _decode_batch(
             step_ids, attention_mask, step_positions, cache, use_cache
         )
         if vocab_size is not None:
+            # Ids past the tokenizer (a padded embedding table's extra rows) are never drawn.
             logits = logits[:, :vocab_size]
         active = ~finished
         if greedy:
@@ -225,10 +225,11 @@ def _decode_batch(
             next_tokens = _sample(logits, active, generators, temperature).cpu()
         next_tokens = torch.where(active, next_tokens, torch.full_like(next_tokens, pad_id))
         step += 1
-        is_eos = torch.isin(next_tokens, eos_ids)
+        is_eos = torch.isin(next_tokens, eos_ids) & active
         for row in active.nonzero().flatten().tolist():
             if not is_eos[row]:
                 outputs[row].append(int(next_tokens[row]))
+        ended_with_eos |= is_eos
         finished |= is_eos | (budget_tensor <= step)
         input_ids = torch.cat([input_ids, next_tokens.to(device).unsqueeze(-1)], dim=-1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((size, 1))], dim=-1)
@@ -236,7 +237,32 @@ def _decode_batch(
         # never walks a short row past the model's position table.
         advance = (~finished).long().to(device).unsqueeze(-1)
         position_ids = torch.cat([position_ids, position_ids[:, -1:] + advance], dim=-1)
-    return outputs
+    return outputs, ended_with_eos.tolist()
+
+
+def _token_budgets(
+    batch: Sequence[int],
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    total: int | None,
+    limit: int | None,
+) -> list[int]:
+    """New tokens each prompt may get: ``max_new_tokens``, less where the total length cap
+    leaves less room (0 for a prompt that already fills it)."""
+    budgets = []
+    for index, prompt in zip(batch, rows, strict=True):
+        if len(prompt) == 0:
+            raise PoclError(f"prompt {index} is empty: every prompt needs at least one token")
+        if limit is not None and len(prompt) > limit:
+            raise PoclError(
+                f"prompt {index} has {len(prompt)} tokens, more than the model's "
+                f"{limit} positions: cut prompts to fit (launch/evaluate.py "
+                "--max-prompt-length, or data.max_prompt_length for training)"
+            )
+        room = max_new_tokens if total is None else total - len(prompt)
+        budgets.append(max(0, min(max_new_tokens, room)))
+    return budgets
 
 
 def _generate_batches(
@@ -249,15 +275,19 @@ def _generate_batches(
     max_new_tokens: int,
     max_total_length: int | None,
     greedy: bool,
-    seed: int,
+    seeds: Sequence[int],
     temperature: float,
     vocab_size: int | None,
     use_cache: bool,
     synced_gpus: bool,
     progress: bool,
     desc: str,
-) -> dict[int, list[int]]:
-    """Run ``batches`` (lists of indices into ``prompts``) on this rank: index -> new tokens."""
+) -> list[list[tuple[list[int], bool]]]:
+    """Run ``batches`` (lists of indices into ``prompts``) on this rank.
+
+    Returns, per batch, the (new tokens, ended with EOS) of each of its prompts; ``seeds[i]``
+    seeds prompt ``i``'s sampler.
+    """
     if max_new_tokens < 0:
         raise PoclError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not greedy and temperature <= 0:
@@ -268,63 +298,41 @@ def _generate_batches(
     limit = _max_positions(module)
     caps = [cap for cap in (max_total_length, limit) if cap is not None]
     total = min(caps) if caps else None
-    if eos_id is None:
-        eos_list: list[int] = []
-    elif isinstance(eos_id, int):
-        eos_list = [eos_id]
-    else:
-        eos_list = list(eos_id)
+    eos_list = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
     eos_ids = torch.tensor(eos_list, dtype=torch.long)
     synced = synced_gpus and distributed.world_size() > 1
     rounds = _global_max(len(batches), device) if synced else len(batches)
 
-    results: dict[int, list[int]] = {}
-    no_room = 0
-    new_tokens = 0
+    results: list[list[tuple[list[int], bool]]] = []
+    no_room = new_tokens = 0
     started = time.perf_counter()
     was_training = module.training
     module.eval()
-    if progress:
-        bar = progress_bar(total=rounds, desc=desc, unit="batch")
-    else:
-        bar = tqdm(total=rounds, disable=True)
+    bar = progress_bar(total=rounds, desc=desc, unit="batch", disable=not progress)
     try:
         with torch.no_grad():
             for round_index in range(rounds):
                 batch = batches[round_index] if round_index < len(batches) else []
                 rows = [prompts[i] for i in batch]
-                budgets = []
-                for index, prompt in zip(batch, rows, strict=True):
-                    if len(prompt) == 0:
-                        raise PoclError(
-                            f"prompt {index} is empty: every prompt needs at least one token"
-                        )
-                    if limit is not None and len(prompt) > limit:
-                        raise PoclError(
-                            f"prompt {index} has {len(prompt)} tokens, more than the model's "
-                            f"{limit} positions: truncate prompts (e.g. max_prompt_length)"
-                        )
-                    room = max_new_tokens if total is None else total - len(prompt)
-                    budgets.append(max(0, min(max_new_tokens, room)))
-                    no_room += int(max_new_tokens > 0 and room <= 0)
-                outputs = _decode_batch(
+                budgets = _token_budgets(batch, rows, max_new_tokens, total=total, limit=limit)
+                no_room += sum(int(max_new_tokens > 0 and budget == 0) for budget in budgets)
+                outputs, ended = _decode_batch(
                     adapter,
                     rows,
-                    batch,
+                    [seeds[i] for i in batch] if not greedy else [],
                     budgets,
                     pad_id=pad_id,
                     eos_ids=eos_ids,
                     greedy=greedy,
                     temperature=temperature,
-                    seed=seed,
                     vocab_size=vocab_size,
                     use_cache=use_cache,
                     synced=synced,
                     device=device,
                 )
-                for index, tokens in zip(batch, outputs, strict=True):
-                    results[index] = tokens
-                    new_tokens += len(tokens)
+                if batch:
+                    results.append(list(zip(outputs, ended, strict=True)))
+                new_tokens += sum(len(tokens) for tokens in outputs)
                 bar.update(1)
     finally:
         bar.close()
@@ -333,13 +341,27 @@ def _generate_batches(
         logger.warning(
             "%d prompt(s) already fill the %s-token limit and got no new tokens", no_room, total
         )
-    logger.debug(
-        "generated %d tokens for %d prompts in %.2fs",
-        new_tokens,
-        len(results),
-        time.perf_counter() - started,
-    )
+    prompts_done, seconds = sum(map(len, batches)), time.perf_counter() - started
+    logger.debug(f"generated {new_tokens} tokens for {prompts_done} prompts in {seconds:.2f}s")
     return results
+
+
+def _prompt_seeds(num_prompts: int, seed: int, prompt_seeds: Sequence[int] | None) -> Sequence[int]:
+    if prompt_seeds is None:
+        return [prompt_seed(seed, i) for i in range(num_prompts)]
+    if len(prompt_seeds) != num_prompts:
+        raise PoclError(f"{len(prompt_seeds)} prompt_seeds given for {num_prompts} prompts")
+    return prompt_seeds
+
+
+def _in_prompt_order(
+    batches: list[list[int]], per_batch: Sequence[Sequence[tuple[list[int], bool]]]
+) -> Generations:
+    by_index = {}
+    for batch, rows in zip(batches, per_batch, strict=True):
+        by_index.update(zip(batch, rows, strict=True))
+    ordered = [by_index[i] for i in range(len(by_index))]
+    return Generations([tokens for tokens, _ in ordered], [ended for _, ended in ordered])
 
 
 def generate(
@@ -353,13 +375,15 @@ def generate(
     batch_size: int = 8,
     greedy: bool = True,
     seed: int = 0,
+    prompt_seeds: Sequence[int] | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
     use_cache: bool = True,
     synced_gpus: bool = False,
     progress: bool = True,
     desc: str = "generate",
-) -> list[list[int]]:
+    return_finished: bool = False,
+) -> list[list[int]] | Generations:
     """Continue every prompt on this rank; returns the new tokens only, EOS stripped.
 
     Args:
@@ -373,17 +397,21 @@ def generate(
             limit applies as well); a prompt that already fills it gets no new tokens.
         greedy: argmax decoding; otherwise sampling from softmax(logits / temperature) with no
             top-k/top-p filtering, prompt ``i`` seeded by ``prompt_seed(seed, i)``.
+        prompt_seeds: one sampler seed per prompt, replacing ``prompt_seed(seed, i)`` (for
+            callers whose prompts must draw differently across ranks or steps).
         vocab_size: sample only among the first ``vocab_size`` ids (a padded embedding table's
             extra rows are never produced); None uses every logit.
         use_cache: keep the KV cache (the point); False recomputes the whole prefix each step.
         synced_gpus: run the same number of forwards as every other rank (needed by ZeRO-3).
         progress: a tqdm bar over batches on rank 0.
+        return_finished: return ``Generations`` (tokens and, per prompt, whether it ended with
+            an EOS rather than at its token budget) instead of the tokens alone.
 
     Returns:
-        ``len(prompts)`` lists of new token ids, in the order of ``prompts``.
+        ``len(prompts)`` lists of new token ids, in the order of ``prompts`` (or ``Generations``).
     """
     batches = plan_batches([len(p) for p in prompts], batch_size)
-    results = _generate_batches(
+    per_batch = _generate_batches(
         model,
         prompts,
         batches,
@@ -392,7 +420,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         max_total_length=max_total_length,
         greedy=greedy,
-        seed=seed,
+        seeds=_prompt_seeds(len(prompts), seed, prompt_seeds),
         temperature=temperature,
         vocab_size=vocab_size,
         use_cache=use_cache,
@@ -400,7 +428,8 @@ def generate(
         progress=progress,
         desc=desc,
     )
-    return [results[i] for i in range(len(prompts))]
+    result = _in_prompt_order(batches, per_batch)
+    return result if return_finished else result.tokens
 
 
 def distributed_generate(
@@ -414,45 +443,42 @@ def distributed_generate(
     batch_size: int = 8,
     greedy: bool = True,
     seed: int = 0,
+    prompt_seeds: Sequence[int] | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
     use_cache: bool = True,
     synced_gpus: bool = False,
     progress: bool = True,
     desc: str = "generate",
-) -> list[list[int]]:
+    return_finished: bool = False,
+) -> list[list[int]] | Generations:
     """``generate`` over the same full ``prompts`` list given on every rank, work shared out.
 
     Global batch ``b`` (see ``plan_batches``) runs on rank ``b % world_size``; every rank
     returns the full ordered result, bit-identical to a one-rank run with the same arguments.
     Arguments as for ``generate``.
     """
-    world, rank = distributed.world_size(), distributed.rank()
     batches = plan_batches([len(p) for p in prompts], batch_size)
-    mine = batches[rank::world]
-    local = _generate_batches(
-        model,
-        prompts,
-        mine,
-        pad_id=pad_id,
-        eos_id=eos_id,
-        max_new_tokens=max_new_tokens,
-        max_total_length=max_total_length,
-        greedy=greedy,
-        seed=seed,
-        temperature=temperature,
-        vocab_size=vocab_size,
-        use_cache=use_cache,
-        synced_gpus=synced_gpus,
-        progress=progress,
-        desc=desc,
-    )
-    merged: dict[int, list[int]] = {}
-    for part in distributed.all_gather_objects(local):
-        merged.update(part)
-    if len(merged) != len(prompts):
-        raise RuntimeError(
-            f"ranks returned {len(merged)} of {len(prompts)} generations: every rank must pass "
-            "the same prompts and batch_size to distributed_generate"
+    seeds = _prompt_seeds(len(prompts), seed, prompt_seeds)
+
+    def run_share(share: list[list[int]]) -> list[list[tuple[list[int], bool]]]:
+        return _generate_batches(
+            model,
+            prompts,
+            share,
+            pad_id=pad_id,
+            eos_id=eos_id,
+            max_new_tokens=max_new_tokens,
+            max_total_length=max_total_length,
+            greedy=greedy,
+            seeds=seeds,
+            temperature=temperature,
+            vocab_size=vocab_size,
+            use_cache=use_cache,
+            synced_gpus=synced_gpus,
+            progress=progress,
+            desc=desc,
         )
-    return [merged[i] for i in range(len(prompts))]
+
+    result = _in_prompt_order(batches, distributed.score_and_gather(batches, run_share))
+    return result if return_finished else result.tokens

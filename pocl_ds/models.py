@@ -279,7 +279,7 @@ def load_causal_lm(
 
 def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The lm_head's ``weight`` [V, H] and ``bias`` [V] (or None) of a model or DeepSpeed engine."""
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap_model(model).get_output_embeddings()
     return head.weight, head.bias
 
 
@@ -298,7 +298,7 @@ def final_hidden_states(
     Returns:
         [B, T, H'] where H' is the lm_head's input width.
     """
-    module = _unwrap(model)
+    module = unwrap_model(model)
     for attribute in _NONLINEAR_HEAD_ATTRIBUTES:
         if getattr(module.config, attribute, None) not in (None, 1.0):
             raise PoclError(
@@ -311,6 +311,22 @@ def final_hidden_states(
     return outputs.last_hidden_state
 
 
-def _unwrap(model: nn.Module) -> Any:
-    """The Hugging Face model inside a DeepSpeed engine (which keeps it as ``.module``)."""
-    return getattr(model, "module", model)
+def unwrap_model(model: nn.Module) -> Any:
+    """The Hugging Face model inside wrappers; a bare Hugging Face model is returned as is.
+
+    DeepSpeed engines and DDP keep their module as ``.module``; the trainer's loss wrapper
+    keeps the language model as ``.model``.
+    """
+    from transformers import PreTrainedModel
+
+    while not isinstance(model, PreTrainedModel):
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "model", None)
+        if not isinstance(inner, nn.Module):
+            raise PoclError(
+                f"expected a Hugging Face causal LM or a DeepSpeed engine around one, got a "
+                f"{type(model).__name__}"
+            )
+        model = inner
+    return model

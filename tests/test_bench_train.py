@@ -1,6 +1,8 @@
 import csv
+import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
 
+import bench_common  # noqa: E402
 import bench_train  # noqa: E402
 
 
@@ -33,6 +36,83 @@ def test_verdicts_name_the_configuration_that_misses_a_target():
     assert all(line.startswith("PASS") for line in bench_train.verdicts(rows[:2]))
 
 
+def test_case_runner_returns_the_tagged_result_or_why_there_is_none(tmp_path):
+    script = tmp_path / "case.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, os, sys, time
+            sys.path.insert(0, {str(REPO / "launch")!r})
+            from bench_common import print_case_result
+
+            spec = json.loads(sys.argv[sys.argv.index("--case") + 1])
+            print("a line before the result")
+            if spec["name"] == "broken":
+                sys.exit("the case broke")
+            if spec["name"] == "slow":
+                time.sleep(30)
+            print_case_result({{"name": spec["name"], "threads": os.environ["OMP_NUM_THREADS"],
+                               "mmap": os.environ["MALLOC_MMAP_THRESHOLD_"]}})
+            print("a line after it")
+            """
+        )
+    )
+    run = bench_common.run_case_in_subprocess
+    assert run(script, {"name": "fine"}, timeout=60, threads=3) == {
+        "name": "fine", "threads": "3", "mmap": str(1 << 20), "status": "ok",
+    }  # fmt: skip
+    assert run(script, {"name": "broken"}, timeout=60, threads=1) == {
+        "status": "failed (exit 1): the case broke"
+    }
+    assert run(script, {"name": "slow"}, timeout=2, threads=1) == {"status": "timeout after 2s"}
+
+
+@pytest.mark.slow
+def test_both_modules_train_through_the_trainers_own_step():
+    """The benchmark times ``Trainer.train_step`` itself: every step of either module is one
+    call of it, on the sampler's shard of the random samples."""
+    spec = dict(
+        model="tiny", zero=2, ranks=1, batch=4, seq=128, threads=1, prompt_fraction=0.25,
+        chunk_size=1024, warmup=1, steps=2, new_tokens=2,
+    )  # fmt: skip
+    driver = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO / "launch")!r})
+        import bench_train
+        from pocl_ds.trainer import Trainer
+
+        calls = []
+        step = Trainer.train_step
+
+        def counted(self, plan, micro_batches):
+            calls.append([[sample.index for sample in mb] for mb in micro_batches])
+            return step(self, plan, micro_batches)
+
+        Trainer.train_step = counted
+        out = {{}}
+        for impl in ("fused", "naive"):
+            calls.clear()
+            result = bench_train.run_case({{**json.loads(sys.argv[1]), "impl": impl}})
+            out[impl] = {{"calls": list(calls), "first_loss": result["first_loss"]}}
+        print(json.dumps(out))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", driver, json.dumps(spec)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for impl in ("fused", "naive"):
+        calls = out[impl]["calls"]
+        assert len(calls) == spec["warmup"] + spec["steps"], impl
+        assert all(len(step) == 1 and len(step[0]) == spec["batch"] for step in calls), calls
+        assert sorted(i for step in calls for i in step[0]) == list(range(12)), calls
+    assert out["fused"]["calls"] == out["naive"]["calls"]
+    assert out["fused"]["first_loss"] == pytest.approx(out["naive"]["first_loss"], rel=1e-4)
+
+
 @pytest.mark.slow
 def test_quick_run_writes_rows_table_and_plot(tmp_path):
     done = subprocess.run(
@@ -51,6 +131,8 @@ def test_quick_run_writes_rows_table_and_plot(tmp_path):
     fused, naive = rows
     for row in rows:
         assert float(row["steps_per_s"]) > 0 and float(row["generate_tokens_per_s"]) > 0
+        # every phase is timed inside the trainer's step, and together they make up the step
+        assert all(float(row[k]) > 0 for k in bench_train.PHASES), row
         parts = sum(float(row[k]) for k in bench_train.PHASES[:-1])
         assert parts == pytest.approx(float(row["step_s"]), rel=0.05)
     # The same weights and batches: the fused kernel must reproduce the reference loss, and

@@ -12,7 +12,10 @@ from pocl_ds.engine import build_ds_config
 from pocl_ds.errors import PoclError
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = sorted((REPO / "launch" / "configs").rglob("*.yaml"))
+# experiments/ holds grid files, not recipes: tests/test_experiment.py loads those
+RECIPES = sorted(
+    p for p in (REPO / "launch" / "configs").rglob("*.yaml") if "experiments" not in p.parts
+)
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 TINY = REPO / "launch" / "configs" / "tiny.yaml"
 
@@ -74,7 +77,8 @@ BAD = [
     (["distill.temperature=0"], "distill.temperature"),
     (["curriculum.num_stages=0"], "curriculum.num_stages"),
     (["curriculum.order=sideways"], "curriculum.order"),
-    (["curriculum.temperature_end=0.5"], "curriculum.temperature_end"),
+    (["distill.method=sft", "distill.sft_weight=0.3"], "distill.sft_weight"),
+    (["distill.method=seqkd", "curriculum.sft_weight_start=0.3"], "curriculum.sft_weight_start"),
     (["data.overflow=wrap"], "data.overflow"),
     (["data.split_sizes=[1]"], "data.split_sizes"),
     (["eval.seeds=[]"], "eval.seeds"),
@@ -97,6 +101,23 @@ def test_bad_override_exits_2_naming_the_field(overrides, culprit):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert culprit in lines[0]
+
+
+def test_falling_temperature_and_explicit_alpha_are_accepted():
+    # The paper's Table 8 ablates tau 2 -> 1; Table 9 runs GKD + POCL with alpha 0.3 -> 0.
+    config = load_config(
+        TINY,
+        [
+            "curriculum.temperature_start=2.0",
+            "curriculum.temperature_end=1.0",
+            "distill.method=gkd",
+            "curriculum.sft_weight_start=0.3",
+        ],
+    )
+    assert (config.curriculum.temperature_start, config.curriculum.temperature_end) == (2.0, 1.0)
+    assert config.curriculum.sft_weight_start == 0.3 and config.curriculum.sft_weight_end is None
+    # alpha = 1 is what SFT trains anyway, so saying it is not an error
+    assert load_config(TINY, ["distill.method=sft", "distill.sft_weight=1"]).distill.sft_weight == 1
 
 
 def test_bad_recipe_files_are_named(tmp_path):

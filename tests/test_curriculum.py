@@ -1,4 +1,4 @@
-"""Baby-Step schedule, equal budget, sharding and the rank-0 controller (2 gloo ranks)."""
+"""Baby-Step schedule, equal budget and the rank-0 controller (2 gloo ranks)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pocl_ds.curriculum import (
     baby_step_plans,
     baby_step_schedule,
     equal_budget_epochs,
-    shard_indices,
     single_stage_plan,
 )
 from pocl_ds.errors import PoclError
+from pocl_ds.sampler import shard_indices
 from tests.launchers import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,46 +100,12 @@ def test_single_stage_plan():
     assert plan == StagePlan(1, (0, 1, 2, 3, 4), 2.0, 0.1, 3)
 
 
-@pytest.mark.parametrize("size", [0, 1, 7, 8, 9])
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_shards_cover_and_are_disjoint(size, world):
-    indices = list(range(100, 100 + size))
-    shards = [
-        shard_indices(indices, rank=r, world_size=world, epoch=3, seed=11) for r in range(world)
-    ]
-    assert len({len(s) for s in shards}) == 1
-    flat = [i for s in shards for i in s]
-    assert set(flat) == set(indices)
-    padding = -size % world if size else 0
-    assert len(flat) == size + padding
-    # Padding repeats fewer than `world` samples; every other sample appears exactly once.
-    assert len(flat) - len(set(flat)) == padding < world
-
-    dropped = [
-        shard_indices(indices, rank=r, world_size=world, epoch=3, seed=11, drop_last=True)
-        for r in range(world)
-    ]
-    flat = [i for s in dropped for i in s]
-    assert len(flat) == len(set(flat)) == size - size % world
-    assert len({len(s) for s in dropped}) == 1
-
-
-def test_shards_depend_on_seed_and_epoch_only():
-    indices = list(range(50))
-    first = shard_indices(indices, rank=1, world_size=2, epoch=0, seed=5)
-    assert first == shard_indices(indices, rank=1, world_size=2, epoch=0, seed=5)
-    assert first != shard_indices(indices, rank=1, world_size=2, epoch=1, seed=5)
-    assert first != shard_indices(indices, rank=1, world_size=2, epoch=0, seed=6)
-
-
 def _plans():
     return baby_step_plans([[0, 1, 2], [3, 4], [5, 6], [7]], epochs_per_stage=3)
 
 
 def test_controller_runs_stages_and_writes_summary(tmp_path):
-    controller = CurriculumController(
-        _plans(), output_dir=tmp_path, steps_per_epoch=lambda size: -(-size // 2)
-    )
+    controller = CurriculumController(_plans(), output_dir=tmp_path, steps_per_epoch=[2, 3, 4, 4])
     summary = json.loads((tmp_path / "curriculum.json").read_text())
     assert [s["size"] for s in summary["stages"]] == [3, 5, 7, 8]
     assert [s["steps"] for s in summary["stages"]] == [6, 9, 12, 12]
@@ -235,7 +201,10 @@ def _worker(out_dir: str) -> None:
         for epoch in range(plan.epochs):
             record["shards"].append(
                 shard_indices(
-                    plan.sample_indices, rank=rank, world_size=world, epoch=epoch, seed=plan.stage
+                    plan.sample_indices,
+                    rank=rank,
+                    world_size=world,
+                    shuffle_key=f"{plan.stage}:{epoch}",
                 )
             )
             # Rank 0's metric stops improving after one epoch (patience 1 ends the stage at

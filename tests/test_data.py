@@ -16,6 +16,7 @@ from pocl_ds.data import (
     collate_for_generation,
     collate_for_training,
     load_instructions,
+    prompt_bos,
     render_prompt,
     split_samples,
     tokenize_samples,
@@ -424,3 +425,54 @@ def test_generation_collation_is_left_padded():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
     with pytest.raises(ValueError):
         collate_for_generation([[1], []], pad_id=0)
+
+
+def _bpe_with_post_processor(tmp_path: Path, *, bos: str, eos: str, prepend: bool):
+    """A locally built fast tokenizer shaped like a real family's: OPT (BOS = EOS = ``</s>``,
+    prepended by default), LLaMA (``<s>`` prepended, ``</s>`` ends) or GPT-2 (nothing added)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pocl_ds.models import load_tokenizer
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(["Below is an instruction. Write a response."], trainer=trainer)
+    if prepend:
+        bpe.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, bpe.token_to_id(bos))]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token="<pad>"
+    )
+    tokenizer.save_pretrained(str(tmp_path))
+    return load_tokenizer(tmp_path)  # reloaded as a user's tokenizer directory is
+
+
+@pytest.mark.parametrize(
+    ("family", "bos", "eos", "prepend"),
+    [
+        ("opt", "</s>", "</s>", True),
+        ("llama", "<s>", "</s>", True),
+        ("gpt2", "</s>", "</s>", False),
+    ],
+)
+def test_prompt_bos_follows_the_tokenizer_default(tmp_path, family, bos, eos, prepend):
+    tokenizer = _bpe_with_post_processor(tmp_path, bos=bos, eos=eos, prepend=prepend)
+    bos_id = tokenizer.convert_tokens_to_ids(bos)
+    expected = [bos_id] if prepend else []
+    assert prompt_bos(tokenizer) == expected, family
+    sample = InstructionSample(0, "Write a response.", "", ("Below.",), "Write a response.")
+    (tokenized,) = tokenize_samples([sample], tokenizer, max_length=64)
+    # the prompt starts exactly as the model saw text in pre-training: one BOS, or none
+    assert list(tokenized.prompt_ids[: len(expected)]) == expected
+    assert tokenized.prompt_ids[len(expected)] != bos_id
+    assert tokenized.response_ids[-1] == tokenizer.eos_token_id

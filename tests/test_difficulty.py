@@ -27,8 +27,8 @@ from pocl_ds.errors import PoclError
 from pocl_ds.generation import generate
 from pocl_ds.metrics import rouge_l
 from pocl_ds.models import load_causal_lm, load_tokenizer, train_bpe_tokenizer
+from pocl_ds.stats import spearman
 from pocl_ds.synthetic import generate_tasks
-from pocl_ds.telemetry import spearman
 from tests.launchers import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +85,36 @@ def test_order_samples_random_is_seeded_and_ignores_scores():
     assert first == order_samples(list(reversed(ce)), rouge, order="random", seed=3).order
     assert first != order_samples(ce, rouge, order="random", seed=4).order
     assert sorted(first) == list(range(20)) and first != list(range(20))
+
+
+def test_order_samples_uses_rrf_k():
+    # Sample 0 is ranked (1, 9) and sample 1 (4, 5) by (CE, ROUGE-L); seven fillers sit between.
+    # A small k rewards one extreme rank, a large k the better sum: 1/2 + 1/10 > 1/5 + 1/6 at
+    # k = 1, but 1/61 + 1/69 < 1/64 + 1/65 at k = 60, so the two swap places.
+    rank_ce = [1, 4, 2, 3, 5, 6, 7, 8, 9]
+    rank_rouge = [9, 5, 1, 2, 3, 4, 6, 7, 8]
+    ce = [float(r) for r in rank_ce]  # ascending CE: rank r has the r-th smallest
+    rouge = [float(10 - r) for r in rank_rouge]  # descending ROUGE-L
+    small = order_samples(ce, rouge, rank_by="fusion", k=1)
+    large = order_samples(ce, rouge, rank_by="fusion", k=60)
+    assert small.fused[0] == pytest.approx(1 / 2 + 1 / 10) and small.fused[1] == pytest.approx(
+        1 / 5 + 1 / 6
+    )
+    assert large.fused[0] == pytest.approx(1 / 61 + 1 / 69)
+    assert small.order.index(0) < small.order.index(1)
+    assert large.order.index(1) < large.order.index(0)
+
+
+def test_order_samples_random_follows_sample_indices_not_positions():
+    # The same samples listed in another order (with their indices) get the same curriculum
+    # order of sample indices: the shuffle is over indices, not over input positions.
+    indices = [10, 3, 7, 42, 5, 8, 1, 99, 23, 17]
+    ce, rouge = [float(i % 4) for i in indices], [0.0] * len(indices)
+    ranking = order_samples(ce, rouge, order="random", seed=5, tie_keys=indices)
+    as_indices = [indices[p] for p in ranking.order]
+    moved = indices[::-1]
+    moved_ranking = order_samples(ce[::-1], rouge, order="random", seed=5, tie_keys=moved)
+    assert [moved[p] for p in moved_ranking.order] == as_indices
 
 
 def test_order_samples_rejects_unknown_options():

@@ -13,10 +13,12 @@ from pocl_ds.errors import PoclError
 from pocl_ds.evaluate import (
     EvalReport,
     SuiteScores,
+    encode_prompts,
     evaluate,
     evaluate_model,
     format_table,
     mean_std,
+    prompt_limit,
 )
 from pocl_ds.generation import generate
 from pocl_ds.metrics import exact_match, rouge_l
@@ -51,14 +53,14 @@ def tokenizer(tmp_path_factory):
     )
 
 
-def tiny_lm(tokenizer, seed: int = 0):
+def tiny_lm(tokenizer, seed: int = 0, max_positions: int = 128):
     return load_causal_lm(
         inline_config={
             "family": "gpt2",
             "hidden_size": 32,
             "num_layers": 2,
             "num_heads": 2,
-            "max_positions": 128,
+            "max_positions": max_positions,
             "initializer_range": 0.3,  # spread logits: greedy has no near-ties
         },
         vocab_size=len(tokenizer),
@@ -196,6 +198,64 @@ def test_prompts_are_cut_from_the_left(tokenizer):
     assert record.generation  # room was left for an answer after the cut prompt
 
 
+def test_encode_prompts_keeps_the_end_of_a_long_prompt(tokenizer):
+    prompt = render_prompt("Summarize.", " ".join(CORPUS * 3))
+    full = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    cue = tokenizer("### Response:", add_special_tokens=False)["input_ids"]
+    (ids,), cut = encode_prompts(tokenizer, [prompt], max_prompt_length=20)
+    assert cut == 1 and len(full) > 20
+    assert ids == full[-20:]  # the tail, with the cue the model answers after
+    assert cue[-1] in ids[-4:]
+    (short,), cut = encode_prompts(tokenizer, [prompt], max_prompt_length=None)
+    assert (short, cut) == (full, 0)
+
+
+def test_prompt_limit_fits_prompts_to_the_model():
+    common = dict(max_total_length=512, max_prompt_length=256, max_new_tokens=None)
+    assert prompt_limit(1024, **common) == 256  # a real model: max_prompt_length only
+    assert prompt_limit(512, **common) == 256
+    assert prompt_limit(128, **common) == 64  # a short model keeps half its positions
+    assert prompt_limit(None, **common) == 256
+    free = dict(max_total_length=512, max_prompt_length=None)
+    assert prompt_limit(128, max_new_tokens=28, **free) == 100
+    assert prompt_limit(128, max_new_tokens=None, **free) == 127
+
+
+def test_prompts_longer_than_the_model_are_fitted_from_the_left(tokenizer, tmp_path):
+    # 64 positions, far fewer than the prompt's tokens or max_prompt_length (256): the prompt
+    # is cut from the left to 64 - 64 // 2 = 32 tokens and the model answers its cue.
+    model = tiny_lm(tokenizer, max_positions=64)
+    suite = samples([("Summarize.", " ".join(CORPUS * 3), ["A summary."])])
+    full = tokenizer(suite[0].prompt, add_special_tokens=False)["input_ids"]
+    assert len(full) > 64
+    report = evaluate(
+        {"tiny": model},
+        {"long": suite},
+        tokenizer,
+        greedy=True,
+        max_total_length=512,
+        progress=False,
+        output_dir=tmp_path,
+    )
+    (scores,) = report.scores
+    assert scores.prompts_cut == 1
+    document = json.loads((tmp_path / "eval.json").read_text())
+    assert document["models"]["tiny"]["suites"]["long"]["prompts_cut"] == 1
+    (expected,) = generate(
+        model,
+        [full[-32:]],
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        max_new_tokens=512,
+        max_total_length=512,
+        vocab_size=len(tokenizer),
+        progress=False,
+    )
+    (record,) = report.generations
+    assert record.generation == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert record.generation
+
+
 def test_user_errors(tokenizer):
     model = tiny_lm(tokenizer)
     with pytest.raises(PoclError, match="at least one seed"):
@@ -290,8 +350,10 @@ def _run_launcher(args: list[str], *, ranks: int) -> subprocess.CompletedProcess
 
 
 def test_launcher_user_error_exits_2(tmp_path):
+    data = tmp_path / "qa.jsonl"  # a suite of its own: the test needs no shared data
+    data.write_text(json.dumps({"instruction": "Name a color.", "output": "Blue."}) + "\n")
     result = _run_launcher(
-        ["--model", str(tmp_path / "missing"), "--data", "dolly", "--output", str(tmp_path)],
+        ["--model", str(tmp_path / "missing"), "--data", str(data), "--output", str(tmp_path)],
         ranks=1,
     )
     assert result.returncode == 2

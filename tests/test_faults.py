@@ -12,9 +12,11 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +25,7 @@ import psutil
 import pytest
 
 from pocl_ds.telemetry import read_metrics
-from tests.launchers import REPO, command, environment, launcher_available
+from tests.launchers import REPO, command, environment, launcher_available, run
 
 TINY = REPO / "launch" / "configs" / "tiny.yaml"
 TRAIN = REPO / "launch" / "train.py"
@@ -82,7 +84,17 @@ def _short_paths(text: str) -> str:
     return re.sub(r"/tmp/[^\s'\"]*/([^/\s'\"]+/[^/\s'\"]+)", r"…/\1", text).replace("|", "/")
 
 
-ROW_ORDER = ("kill", "sigterm", "damaged", "checkpoint-dir", "nonfinite", "startup", "input")
+ROW_ORDER = (
+    "kill",
+    "sigterm",
+    "sigint",
+    "damaged",
+    "checkpoint-dir",
+    "output-dir",
+    "nonfinite",
+    "startup",
+    "input",
+)
 
 
 def _row_order(item: tuple[str, dict]) -> tuple[int, str]:
@@ -179,7 +191,7 @@ def best(out: Path) -> dict:
 
 def assert_same_run(out: Path, reference: Path) -> None:
     got, want = losses(out), losses(reference)
-    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 6 * EPOCHS + 1))
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, len(want) + 1))
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6, abs=1e-9)
     for key in ("val_loss", "val_rouge_l"):
         got_val, want_val = validation(out, key), validation(reference, key)
@@ -194,18 +206,21 @@ def latest_step(out: Path) -> int | None:
     return int(latest.read_text().split("-")[1]) if latest.is_file() else None
 
 
-def wait_past_first_checkpoint(proc, out: Path, timeout: float = RUN_TIMEOUT) -> int:
-    """Poll until metrics.jsonl shows a step after the first complete checkpoint; the step."""
+def wait_past_first_checkpoint(
+    proc, out: Path, timeout: float = RUN_TIMEOUT, *, newer_than: int = 0
+) -> int:
+    """Poll until metrics.jsonl shows a step after the first complete checkpoint of a step
+    past ``newer_than``; the step."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError("the run ended early:\n" + proc.log.read_text()[-4000:])
         saved = latest_step(out)
         steps = [s for s, _ in losses(out)]
-        if saved is not None and steps and steps[-1] > saved:
+        if saved is not None and saved > newer_than and steps and steps[-1] > saved:
             return steps[-1]
         time.sleep(0.05)
-    raise AssertionError("no step after the first checkpoint in time")
+    raise AssertionError(f"no step after a checkpoint past step {newer_than} in time")
 
 
 def rank_processes(proc) -> dict[int, psutil.Process]:
@@ -223,6 +238,12 @@ def rank_processes(proc) -> dict[int, psutil.Process]:
         if rank is not None and child.name().startswith("python"):
             found[int(rank)] = child
     return found
+
+
+def kill_rank(proc, victim: int) -> None:
+    ranks = rank_processes(proc)
+    assert set(ranks) == {0, 1}, ranks
+    ranks[victim].kill()
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +275,7 @@ def test_sigkill_of_a_rank_ends_the_job_and_resume_reproduces_the_run(
     out = tmp_path / "run"
     proc = start(launcher, recipe_args(out, data), tmp_path / "killed.txt")
     step = wait_past_first_checkpoint(proc, out)
-    ranks = rank_processes(proc)
-    assert set(ranks) == {0, 1}, ranks
-    ranks[victim].kill()
+    kill_rank(proc, victim)
     killed = time.perf_counter()
     kill_code, text = finish(proc, timeout=EXIT_DEADLINE_S * 3)
     ended_after = time.perf_counter() - killed
@@ -277,6 +296,103 @@ def test_sigkill_of_a_rank_ends_the_job_and_resume_reproduces_the_run(
         f"job exited {kill_code} after {ended_after:.1f} s; "
         f"`--resume auto` continued from step {saved}: loss sequence and best val ROUGE-L "
         "equal to the uninterrupted run",
+        ended_after,
+    )
+
+
+# POCL: 2 stages of 2 epochs (stage 1 the easier half, 3 steps an epoch; stage 2 all, 6 steps):
+# checkpoints at steps 3, 6 (the stage boundary), 12 and 18.
+POCL = (
+    "curriculum.strategy=pocl",
+    "curriculum.num_stages=2",
+    "curriculum.epochs_per_stage=2",
+    "curriculum.difficulty_max_new_tokens=8",
+)
+# GKD: on-policy batches drawn from the student, 2 epochs: checkpoints at steps 6 and 12.
+GKD = ("distill.method=gkd", "train.epochs=2", "distill.generation_max_new_tokens=12")
+
+
+def reference_run(tmp_path_factory, data: Path, name: str, extra: tuple[str, ...]) -> Path:
+    out = tmp_path_factory.mktemp(name) / "run"
+    code, text, _ = run_to_end("torchrun", recipe_args(out, data, *extra), out.parent / "log")
+    assert code == 0, text[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def pocl_reference(tmp_path_factory, data) -> Path:
+    return reference_run(tmp_path_factory, data, "pocl_reference", POCL)
+
+
+@pytest.fixture(scope="module")
+def gkd_reference(tmp_path_factory, data) -> Path:
+    return reference_run(tmp_path_factory, data, "gkd_reference", GKD)
+
+
+def kill_then_resume(
+    out: Path, args: list[str], log: Path, *, newer_than: int = 0
+) -> tuple[int, float]:
+    """Start (or ``--resume auto``) the run, SIGKILL rank 1 after its first checkpoint past
+    step ``newer_than``; the checkpoint step a resume continues from, and the seconds from
+    the kill to the job's end."""
+    proc = start("torchrun", args, log)
+    wait_past_first_checkpoint(proc, out, newer_than=newer_than)
+    kill_rank(proc, 1)
+    killed = time.perf_counter()
+    code, text = finish(proc, timeout=EXIT_DEADLINE_S * 3)
+    ended_after = time.perf_counter() - killed
+    assert code != 0, text[-3000:]
+    assert ended_after < EXIT_DEADLINE_S, ended_after
+    return latest_step(out), ended_after
+
+
+@pytest.mark.slow
+def test_pocl_run_killed_in_stage_1_and_mid_stage_2_resumes_onto_the_same_run(
+    pocl_reference, data, tmp_path, reliability
+):
+    """The first resume crosses the stage boundary (new subset, τ, α, fresh optimizer state);
+    the second starts inside stage 2 (its epoch count and best score restored)."""
+    out = tmp_path / "run"
+    args = recipe_args(out, data, *POCL)
+    resume = [*args, "--resume", "auto"]
+    first, first_s = kill_then_resume(out, args, tmp_path / "killed1.txt")
+    second, second_s = kill_then_resume(out, resume, tmp_path / "killed2.txt", newer_than=6)
+    code, text, _ = run_to_end("torchrun", resume, tmp_path / "resumed.txt")
+    assert code == 0, text[-4000:]
+    assert (first, second) == (3, 12)
+    assert f"resumed from step-{second:08d}" in text
+    assert_same_run(out, pocl_reference)
+    stages = json.loads((out / "curriculum.json").read_text())["stages"]
+    assert stages == json.loads((pocl_reference / "curriculum.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == [1, 2]
+    reliability.record(
+        "kill-pocl",
+        "POCL run (2 stages): SIGKILL of rank 1 in stage 1, then again in stage 2",
+        "torchrun",
+        f"`--resume auto` continued from step {first} across the stage boundary, then from "
+        f"step {second} inside stage 2: loss sequence, stages and best val ROUGE-L equal to "
+        "the uninterrupted run",
+        max(first_s, second_s),
+    )
+
+
+@pytest.mark.slow
+def test_gkd_run_killed_resumes_onto_the_same_on_policy_run(
+    gkd_reference, data, tmp_path, reliability
+):
+    out = tmp_path / "run"
+    args = recipe_args(out, data, *GKD)
+    saved, ended_after = kill_then_resume(out, args, tmp_path / "killed.txt")
+    code, text, _ = run_to_end("torchrun", [*args, "--resume", "auto"], tmp_path / "resumed.txt")
+    assert code == 0, text[-4000:]
+    assert f"resumed from step-{saved:08d}" in text
+    assert_same_run(out, gkd_reference)
+    reliability.record(
+        "kill-gkd",
+        "GKD run (on-policy samples): SIGKILL of rank 1",
+        "torchrun",
+        f"`--resume auto` continued from step {saved}: loss sequence (on-policy steps "
+        "included) and best val ROUGE-L equal to the uninterrupted run",
         ended_after,
     )
 
@@ -318,6 +434,134 @@ def test_sigterm_checkpoints_and_exits_then_resume_reproduces_the_run(
         f"checkpoint of step {stopped} written, job exited {code} after {ended_after:.1f} s; "
         "`--resume auto` reproduced the uninterrupted run",
         ended_after,
+    )
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_prints_the_resume_command_and_exits_130(
+    reference, data, tmp_path, reliability
+):
+    """A terminal's Ctrl-C reaches every rank; the DeepSpeed launcher passes on their exit code."""
+    from pocl_ds.checkpoint import verify
+
+    out = tmp_path / "run"
+    args = recipe_args(out, data)
+    proc = start("deepspeed", args, tmp_path / "interrupted.txt")
+    wait_past_first_checkpoint(proc, out)
+    signalled = time.perf_counter()
+    for rank in rank_processes(proc).values():
+        rank.send_signal(signal.SIGINT)
+    interrupted, text = finish(proc, timeout=EXIT_DEADLINE_S * 3)
+    ended_after = time.perf_counter() - signalled
+    assert interrupted == 130, text[-4000:]
+    assert ended_after < EXIT_DEADLINE_S, ended_after
+    assert "SIGINT: checkpoint written at step" in text, text[-4000:]
+    stopped = losses(out)[-1][0]
+    assert latest_step(out) == stopped  # the checkpoint is of the very step it stopped at
+    assert verify(out / "checkpoints" / f"step-{stopped:08d}") is None
+    assert not list((out / "checkpoints").glob("*.partial"))
+    (hint,) = {line for line in text.splitlines() if line.startswith("to resume: ")}
+    command = shlex.split(hint[len("to resume: ") :])
+    assert command[:2] == ["deepspeed", "--num_gpus=2"], hint
+    script = command.index(str(TRAIN))
+    assert command[script + 1 :] == [*args, "--resume", "auto"], hint
+
+    code, text, _ = run_to_end("deepspeed", command[script + 1 :], tmp_path / "resumed.txt")
+    assert code == 0, text[-4000:]
+    assert f"resumed from step-{stopped:08d}" in text
+    assert_same_run(out, reference)
+    reliability.record(
+        "sigint",
+        "Ctrl-C (SIGINT to every rank)",
+        "deepspeed",
+        f"checkpoint of step {stopped} written, `to resume: deepspeed --num_gpus=2 "
+        f"launch/train.py … --resume auto` printed, job exited {interrupted} after "
+        f"{ended_after:.1f} s; that command reproduced the uninterrupted run",
+        ended_after,
+    )
+
+
+# What a rank's PreemptionFlag does with each SIGINT, in a process of its own (a second Ctrl-C
+# ends it): before the first step, the same Ctrl-C twice within the repeat window, a second one.
+CTRL_C_SCRIPT = """
+import os, signal, sys, time
+from pocl_ds.preemption import PreemptionFlag
+flag = PreemptionFlag()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+    print("not interrupted before the first step")
+except KeyboardInterrupt:
+    print("interrupted before the first step")
+print("agreed before:", flag.agreed())
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.1)
+os.kill(os.getpid(), signal.SIGINT)  # the launcher's copy of the same Ctrl-C
+time.sleep(0.1)
+print("agreed after:", flag.agreed(), flag.reason, flush=True)
+time.sleep(flag.REPEAT_WINDOW_S)
+started = time.monotonic()
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(5)
+print("still running after a second Ctrl-C", time.monotonic() - started)
+"""
+
+
+def test_first_ctrl_c_asks_for_a_checkpoint_and_a_second_exits_at_once():
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_SCRIPT],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 130, done.stdout + done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        "interrupted before the first step",
+        "agreed before: False",
+        "agreed after: True SIGINT",
+    ], done.stdout
+    assert "second Ctrl-C: exiting without a checkpoint" in done.stderr
+
+
+# ----------------------------------------------------------------------------- the output dir
+def _files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_a_new_run_never_takes_over_a_finished_run(reference, data, tmp_path, reliability):
+    """Without --resume: exit 2 naming the run, nothing touched; with
+    train.overwrite_output_dir=true the old run moves aside whole and the new one starts clean."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = _files(out)
+    code, text, seconds = run_to_end("deepspeed", recipe_args(out, data), tmp_path / "log.txt")
+    assert code == 2, text[-4000:]
+    (line,) = error_lines(text)
+    assert str(out) in line and "latest checkpoint: step-00000030" in line, line
+    assert "--resume auto" in line and "train.overwrite_output_dir=true" in line, line
+    assert _files(out) == before
+
+    overwrite = recipe_args(out, data, "train.overwrite_output_dir=true", "train.max_steps=2")
+    code, text, _ = run_to_end("deepspeed", overwrite, tmp_path / "overwrite.txt")
+    assert code == 0, text[-4000:]
+    (archive,) = tmp_path.glob("run.old-*")
+    assert _files(archive) == before
+    assert [s for s, _ in losses(out)] == [1, 2]
+    assert not (out / "checkpoints" / "step-00000030").exists()
+    reliability.record(
+        "output-dir",
+        "a second run into a finished run's output_dir, without --resume",
+        "deepspeed",
+        f"exit 2, one line: “{line.split(': ', 1)[1].replace(str(tmp_path) + '/', '')}”; "
+        "the run untouched; with `train.overwrite_output_dir=true` it moved to "
+        f"`{archive.name.split('-')[0]}-<time>` whole and the new run started clean",
+        seconds,
     )
 
 
@@ -550,12 +794,26 @@ def test_nonfinite_loss_stops_naming_stage_step_and_samples(
 def test_nonfinite_loss_skip_continues_and_counts(poisoned_teacher, data, tmp_path, reliability):
     import math
 
-    teacher, _ = poisoned_teacher
+    teacher, poisoned = poisoned_teacher
     out = tmp_path / "run"
     code, text, seconds = run_to_end(
         "deepspeed", _nan_args(out, data, teacher, "skip"), tmp_path / "log.txt"
     )
     assert code == 0, text[-4000:]
+    # The same run's trainer, one step at a time: a clean step moves the parameters; then a
+    # step whose batch is poisoned on rank 0 only leaves every parameter of both ranks
+    # bit-identical (Adam's momentum from the clean step would move them at any other rate).
+    spec = tmp_path / "spec.json"
+    overrides = _nan_args(tmp_path / "steps", data, teacher, "skip")[2:]
+    spec.write_text(json.dumps({"overrides": overrides, "poisoned": sorted(poisoned)}))
+    done = run("torchrun", Path(__file__), [str(spec)], timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    for rank in (0, 1):
+        moved = json.loads((tmp_path / f"steps_rank{rank}.json").read_text())
+        assert moved == {
+            "clean": {"skipped": False, "parameters moved": True},
+            "poisoned": {"skipped": True, "parameters moved": False},
+        }, (rank, moved)
     warnings = [line for line in text.splitlines() if "step skipped" in line]
     steps = [r for r in records(out) if "loss" in r]
     skipped = steps[-1]["skipped_steps"]
@@ -569,7 +827,8 @@ def test_nonfinite_loss_skip_continues_and_counts(poisoned_teacher, data, tmp_pa
         "NaN loss, `train.on_nonfinite=skip`",
         "deepspeed",
         f"run finished (exit 0); {skipped} of {len(steps)} steps skipped, each with a warning, "
-        "counted in metrics.jsonl `skipped_steps`; validation loss finite and falling",
+        "counted in metrics.jsonl `skipped_steps`; validation loss finite and falling; a step "
+        "poisoned on one rank leaves every parameter of both ranks bit-identical",
         seconds,
     )
 
@@ -739,3 +998,43 @@ def test_bad_input_exits_2_with_one_line_naming_it(
         f"exit 2, one line: “{message[:150]}{'…' if len(message) > 150 else ''}”",
         seconds,
     )
+
+
+def _skip_step_worker(spec_path: str) -> None:
+    """Run under torchrun by the skip test: the trainer of a ``train.on_nonfinite=skip`` run
+    takes a clean step, then one whose batch holds a poisoned sample on rank 0 only; each
+    rank writes whether each step was skipped and whether it moved any parameter."""
+    import torch
+
+    from pocl_ds import distributed
+    from pocl_ds.config import load_config
+    from pocl_ds.recipe import build_run
+    from pocl_ds.trainer import Trainer
+
+    spec = json.loads(Path(spec_path).read_text())
+    info = distributed.init_distributed()
+    run_parts = build_run(load_config(TINY, spec["overrides"]))
+    trainer = Trainer(run_parts)
+    plan = trainer.controller.current_plan()
+    poisoned = [i for i in spec["poisoned"] if i in run_parts.samples_by_index]
+    clean = [i for i in sorted(run_parts.samples_by_index) if i not in spec["poisoned"]]
+    size = trainer.config.train.micro_batch_size
+    own = clean[info.rank * size : (info.rank + 1) * size]
+    batches = {"clean": own, "poisoned": [poisoned[0], *own[1:]] if info.rank == 0 else own}
+    moved = {}
+    for name, indices in batches.items():
+        before = [p.detach().clone() for p in trainer.engine.module.parameters()]
+        result = trainer.train_step(plan, [[run_parts.samples_by_index[i] for i in indices]])
+        after = list(trainer.engine.module.parameters())
+        moved[name] = {
+            "skipped": result["skipped"],
+            "parameters moved": any(
+                not torch.equal(a, b) for a, b in zip(after, before, strict=True)
+            ),
+        }
+    out = Path(spec_path).parent / f"steps_rank{info.rank}.json"
+    out.write_text(json.dumps(moved))
+
+
+if __name__ == "__main__":
+    _skip_step_worker(sys.argv[1])

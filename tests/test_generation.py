@@ -9,14 +9,14 @@ import torch
 
 from pocl_ds.errors import PoclError
 from pocl_ds.generation import (
+    Generations,
     _sample,
     distributed_generate,
     generate,
     plan_batches,
     prompt_seed,
-    unwrap_model,
 )
-from pocl_ds.models import load_causal_lm
+from pocl_ds.models import load_causal_lm, unwrap_model
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 96
@@ -181,6 +181,67 @@ def test_vocab_size_keeps_padded_rows_out():
     assert all(0 <= t < 10 for row in outputs for t in row)
 
 
+def test_vocab_size_masks_padded_rows_with_huge_logits():
+    # Rows 90..95 stand for a padded embedding table; their logits dwarf every real id's.
+    model = tiny_model()
+    bias = torch.zeros(VOCAB)
+    bias[90:] = 1e4
+    model.lm_head.register_forward_hook(lambda module, args, output: output + bias)
+    prompts = tiny_prompts()
+    kwargs = dict(pad_id=PAD, eos_id=None, max_new_tokens=6, batch_size=4, progress=False)
+    assert all(t >= 90 for row in generate(model, prompts, **kwargs) for t in row)
+    for greedy in (True, False):
+        rows = generate(model, prompts, greedy=greedy, vocab_size=90, **kwargs)
+        assert all(len(row) == 6 and max(row) < 90 for row in rows)
+        assert distributed_generate(model, prompts, greedy=greedy, vocab_size=90, **kwargs) == rows
+
+
+def test_return_finished_tells_eos_from_the_budget():
+    model = tiny_model()
+    prompts = tiny_prompts()
+    free = generate(
+        model, prompts, pad_id=PAD, eos_id=None, max_new_tokens=8, batch_size=4, progress=False
+    )
+    eos = free[0][2]
+    # PAD = EOS (GPT-2 style): rows that stop at the budget are padded with the EOS id, and
+    # must still not count as finished.
+    result = generate(
+        model,
+        prompts,
+        pad_id=eos,
+        eos_id=eos,
+        max_new_tokens=8,
+        batch_size=4,
+        progress=False,
+        return_finished=True,
+    )
+    assert isinstance(result, Generations)
+    assert result.finished == [eos in row for row in free]
+    assert result.tokens == [row[: row.index(eos)] if eos in row else row for row in free]
+    assert 0 < sum(result.finished) < len(prompts)
+    shared = distributed_generate(
+        model, prompts, pad_id=eos, eos_id=eos, max_new_tokens=8, batch_size=4, progress=False,
+        return_finished=True,
+    )  # fmt: skip
+    assert shared == result
+
+
+def test_prompt_seeds_replace_the_index_seeds():
+    model = tiny_model()
+    prompts = tiny_prompts()
+    kwargs = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=8, greedy=False, progress=False)
+    default = generate(model, prompts, seed=7, **kwargs)
+    explicit = [prompt_seed(7, i) for i in range(len(prompts))]
+    assert generate(model, prompts, prompt_seeds=explicit, **kwargs) == default
+    # The same prompt with another seed draws other tokens.
+    twice = generate(model, [prompts[0]] * 2, prompt_seeds=[1, 2], **kwargs)
+    assert twice[0] != twice[1]
+    with pytest.raises(PoclError, match="prompt_seeds"):
+        generate(model, prompts, prompt_seeds=[1], **kwargs)
+    assert prompt_seed(42, 1) != prompt_seed(43, 0)
+    assert prompt_seed(42, 1, 0, 3) != prompt_seed(42, 1, 1, 3)
+
+
 def test_plan_batches_sorts_longest_first():
     assert plan_batches([3, 7, 7, 1, 5], 2) == [[1, 2], [4, 0], [3]]
 
@@ -208,7 +269,7 @@ def test_wrapped_model_and_training_mode():
     model.train()
     generate(engine, prompts, **kwargs)
     assert model.training
-    with pytest.raises(PoclError, match="cannot generate"):
+    with pytest.raises(PoclError, match="expected a Hugging Face causal LM"):
         unwrap_model(torch.nn.Linear(2, 2))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pocl_ds.config import load_config
+from pocl_ds.methods import method_spec
 from tests.launchers import REPO, run
 
 PAPER = sorted((REPO / "launch" / "configs" / "paper").rglob("*.yaml"))
@@ -48,7 +49,18 @@ def test_paper_recipes_keep_the_papers_settings():
     )
     assert config.train.epochs == 20 and config.curriculum.num_stages == 4
     assert (config.curriculum.temperature_start, config.curriculum.temperature_end) == (1.0, 2.0)
-    assert config.curriculum.sft_weight_start == 0.3 and config.eval.seeds == [10, 20, 30, 40, 50]
+    assert config.eval.seeds == [10, 20, 30, 40, 50]
+    # alpha 0.3 -> 0 for off-policy KD and 0 for GKD come from the method table (SPEC)
+    kd = method_spec(config.distill.method)
+    assert kd.alpha_schedule(config.curriculum.sft_weight_start, None) == (0.3, 0.0)
+    gkd = load_config(REPO / "launch/configs/paper/gpt2/gkd_pocl.yaml")
+    assert method_spec(gkd.distill.method).alpha_schedule(
+        gkd.curriculum.sft_weight_start, gkd.curriculum.sft_weight_end
+    ) == (0.0, 0.0)
+    # generated answers may be as long as the room max_length leaves after a prompt
+    assert config.distill.generation_max_new_tokens == (
+        config.data.max_length - config.data.max_prompt_length
+    )
     assert len(PAPER_RUNS) == 38  # 2 pairs × (teacher SFT + 9 methods × ± POCL)
 
 

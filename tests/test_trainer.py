@@ -1,6 +1,7 @@
 """The trainer on 2 CPU ranks: every method ± POCL learns; ZeRO stages, world sizes and teacher
 placements agree; export reloads. One torchrun job runs the whole matrix to share start-up."""
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from pocl_ds.telemetry import read_metrics
+from pocl_ds.trainer import lr_at
 from tests.launchers import REPO, run
 
 TINY = str(REPO / "launch" / "configs" / "tiny.yaml")
@@ -69,6 +71,20 @@ def val_losses(run_dir: Path) -> list[float]:
     return [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
 
 
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    peak = 1e-3
+    lrs = [lr_at(s, 10, peak=peak, warmup_ratio=0.2, schedule="cosine") for s in range(11)]
+    assert lrs[:2] == pytest.approx([peak / 2, peak])  # warm-up: 2 steps, linear
+    assert lrs[2] == pytest.approx(peak)  # cosine starts at the peak
+    assert lrs[6] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lrs[10] == pytest.approx(0.0, abs=1e-15)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[2:]))
+    assert lr_at(7, 10, peak=peak, warmup_ratio=0.0, schedule="constant") == peak
+    assert lr_at(0, 10, peak=peak, warmup_ratio=0.0, schedule="cosine") == pytest.approx(peak)
+    # a schedule shorter than its warm-up stays at the peak once warm
+    assert lr_at(3, 3, peak=peak, warmup_ratio=1.0, schedule="cosine") == peak
+
+
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     from pocl_ds.synthetic import write_synthetic_tasks
@@ -123,6 +139,48 @@ def test_every_method_and_curriculum_fits_its_data(matrix, method, curriculum):
         kept = len((run_dir / "difficulty.jsonl").read_text().splitlines())
         assert stages[0]["size"] < stages[1]["size"] == kept >= 30
     assert (run_dir / "final" / "config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("curriculum", CURRICULA)
+def test_each_method_trains_what_it_claims(matrix, curriculum):
+    """Per-step facts from metrics.jsonl: SFT and SeqKD train the CE alone; GKD trains JSD
+    with alpha = 0, on the student's own samples for about half of its steps."""
+    tmp, results = matrix
+    steps = {
+        method: [
+            r for r in read_metrics(tmp / f"{method}_{curriculum}" / "metrics.jsonl") if "loss" in r
+        ]
+        for method in METHODS
+    }
+    for method in ("sft", "seqkd"):
+        assert all(r["sft_weight"] == 1.0 and r["kd"] == 0.0 for r in steps[method])
+        assert [r["loss"] for r in steps[method]] == pytest.approx([r["ce"] for r in steps[method]])
+    gkd = steps["gkd"]
+    assert all(r["sft_weight"] == 0.0 for r in gkd)
+    assert [r["loss"] for r in gkd] == pytest.approx([r["kd"] for r in gkd])
+    on_policy = [r["student_samples"] for r in gkd]
+    assert 0 < sum(on_policy) < len(on_policy)
+    labels = {m: results[f"{m}_{curriculum}"]["method"] for m in METHODS}
+    assert labels == {"sft": "sft", "kd": "kd (fkl)", "seqkd": "seqkd", "gkd": "gkd (jsd)"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_per_step_temperature_and_alpha_follow_the_curriculum(matrix, method):
+    tmp, _ = matrix
+    run_dir = tmp / f"{method}_pocl"
+    stages = {
+        s["stage"]: s for s in json.loads((run_dir / "curriculum.json").read_text())["stages"]
+    }
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert {r["stage"] for r in records} == set(stages)
+    for r in records:
+        assert r["temperature"] == pytest.approx(stages[r["stage"]]["temperature"])
+        assert r["sft_weight"] == pytest.approx(stages[r["stage"]]["sft_weight"])
+    # off-policy KD: 0.3 -> 0 over the two stages; GKD 0; SFT and SeqKD 1
+    expected = {"kd": [0.3, 0.0], "gkd": [0.0, 0.0], "sft": [1.0, 1.0], "seqkd": [1.0, 1.0]}
+    assert [stages[i]["sft_weight"] for i in (1, 2)] == pytest.approx(expected[method])
 
 
 @pytest.mark.slow
