@@ -7,6 +7,7 @@ Kept free of torch imports so a bad recipe or flag is reported in well under a s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -73,6 +74,28 @@ def _distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
+SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def release_shm_buffer(environ: dict[str, str] | None = None) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment in /dev/shm.
+
+    DeepSpeed's shared-memory all-reduce (its CPU accelerator) maps one 66 MB segment per rank,
+    named after the user, MASTER_ADDR, MASTER_PORT and the rank, and never unlinks it: every
+    CPU job would leave its segments behind, in RAM, until the machine reboots. At exit every
+    peer has long opened the segment, and an unlinked segment stays mapped in processes still
+    holding it, so each rank removes its own name.
+    """
+    env = os.environ if environ is None else environ
+    parts = (env.get("MASTER_ADDR"), env.get("MASTER_PORT"), env.get("RANK"))
+    if None in parts:
+        return
+    addr, port, rank = parts
+    name = f"/dev/shm/{SHM_BUFFER_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+
+
 def run_main(main: Callable[[], int | None]) -> None:
     """Run a launcher's ``main`` so that any failure ends the whole job promptly.
 
@@ -110,5 +133,6 @@ def run_main(main: Callable[[], int | None]) -> None:
             MPI.Finalize()
         else:
             MPI.COMM_WORLD.Abort(code)
+    release_shm_buffer()
     logging.shutdown()
     os._exit(code)

@@ -4,13 +4,16 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from pocl_ds import distributed
+from pocl_ds.cli import SHM_BUFFER_PREFIX
 from tests.launchers import LAUNCHERS, REPO, environment, free_port, launcher_available, run
 
 PROBE = REPO / "tests" / "scripts" / "dist_probe.py"
+SHM = Path("/dev/shm")
 
 
 def test_detect_launcher_from_environment():
@@ -35,8 +38,11 @@ def test_two_ranks_receive_the_same_broadcast(launcher, tmp_path):
     if reason := launcher_available(launcher):
         pytest.skip(reason)
     out = tmp_path / "probe.json"
+    segments_before = set(SHM.glob(f"{SHM_BUFFER_PREFIX}_*"))
     result = run(launcher, PROBE, ["broadcast", str(out)], timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce segments (66 MB of RAM per rank) are gone with the job
+    assert set(SHM.glob(f"{SHM_BUFFER_PREFIX}_*")) <= segments_before
     probe = json.loads(out.read_text())
     assert probe["world_size"] == 2
     assert [g["rank"] for g in probe["gathered"]] == [0, 1]
