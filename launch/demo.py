@@ -19,7 +19,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import os
 import shutil
 import sys
 import time
@@ -248,14 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     for _, _, recipe in (TEACHER, *STUDENTS):  # before torch: a bad recipe fails at once
         load_config(RECIPES / recipe)
 
-    import torch
-
     from pocl_ds import distributed, telemetry
     from pocl_ds.trainer import train
 
-    if "OMP_NUM_THREADS" not in os.environ:  # ranks share the cores instead of fighting
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    distributed.share_cores()
     info = distributed.init_distributed()
     telemetry.setup_logging(info.rank)
     logger = telemetry.get_logger("demo")

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from launch.evaluate import DEFAULT_DATA_DIR, resolve_suite
 from pocl_ds import atomic
 from pocl_ds.cli import EXIT_CODE_AFTER, ArgumentParser, run_main
-from pocl_ds.config import ExperimentConfig, load_config, parse_overrides
+from pocl_ds.config import ExperimentConfig, changed_fields, load_config, parse_overrides
 from pocl_ds.errors import PoclError
 
 RANKS = 2  # the ranks a plain `python launch/experiment.py` re-launches itself on
@@ -284,13 +284,7 @@ def _normalised(config: dict[str, Any]) -> dict[str, Any]:
 
 def config_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """``section.key: recorded -> wanted`` for every field that differs."""
-    recorded, wanted = _normalised(recorded), _normalised(wanted)
-    return [
-        f"{section}.{key}: {recorded.get(section, {}).get(key)!r} -> {value!r}"
-        for section, fields in wanted.items()
-        for key, value in fields.items()
-        if recorded.get(section, {}).get(key) != value
-    ]
+    return changed_fields(_normalised(recorded), _normalised(wanted))
 
 
 def _refuse_mixing(run: PlannedRun, recorded: dict[str, Any] | None, what: str) -> None:
@@ -644,13 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.detect_launcher() == "none":
         relaunch_under_deepspeed([a for a in argv if not a.startswith("--local")])
 
-    import torch
-
     from pocl_ds import telemetry
 
-    if "OMP_NUM_THREADS" not in os.environ:  # ranks share the cores instead of fighting
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    distributed.share_cores()
     info = distributed.init_distributed()
     telemetry.setup_logging(info.rank)
     logger = telemetry.get_logger("experiment")

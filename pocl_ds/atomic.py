@@ -27,6 +27,18 @@ def fsync_directory(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def fsync_files(directory: str | os.PathLike) -> None:
+    """Flush every file under ``directory`` to disk: files written by libraries that do not
+    (DeepSpeed, Hugging Face), before a rename or a marker publishes them."""
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def replace(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Rename ``source`` over ``target`` (files, or a directory onto a free name) durably."""
     os.replace(source, target)

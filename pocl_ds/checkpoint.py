@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -91,18 +90,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_files(directory: Path) -> None:
-    """Flush every file under ``directory`` to disk (they were written by DeepSpeed or
-    Hugging Face, which do not), so the rename that publishes them cannot outrun their data."""
-    for path in directory.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def manifest(directory: Path) -> dict[str, dict[str, Any]]:
@@ -195,7 +182,7 @@ class CheckpointManager:
         if distributed.is_main_process():
             try:
                 atomic.write_text(staging / STATE_FILE, json.dumps(trainer_state))
-                _fsync_files(staging)  # the engine's files, before COMPLETE vouches for them
+                atomic.fsync_files(staging)  # the engine's files, before COMPLETE vouches for them
                 atomic.write_text(
                     staging / COMPLETE, json.dumps({"files": manifest(staging)}, indent=1)
                 )
@@ -363,7 +350,7 @@ def _save_hf(model: torch.nn.Module, tokenizer: Any, final: Path) -> None:
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    _fsync_files(tmp)
+    atomic.fsync_files(tmp)
     if final.exists():
         shutil.rmtree(final)
     atomic.replace(tmp, final)

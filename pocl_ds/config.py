@@ -422,6 +422,30 @@ def _check_sft_weights(config: ExperimentConfig) -> None:
             )
 
 
+def changed_fields(
+    old: typing.Mapping[str, Any], new: typing.Mapping[str, Any], *, prefix: str = ""
+) -> list[str]:
+    """``path: old -> new`` for every leaf that differs between two nested mappings (dotted
+    paths, sorted): why a cache or a run directory written under ``old`` does not serve ``new``.
+    Long values (fingerprints, model configs) are shortened to keep each entry one line."""
+    changes = []
+    for name in sorted(set(old) | set(new), key=str):
+        before, after = old.get(name), new.get(name)
+        if before == after:
+            continue
+        path = f"{prefix}{name}"
+        if isinstance(before, typing.Mapping) and isinstance(after, typing.Mapping):
+            changes += changed_fields(before, after, prefix=f"{path}.")
+        else:
+            changes.append(f"{path}: {_shortened(before)} -> {_shortened(after)}")
+    return changes
+
+
+def _shortened(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, raw: Any) -> None:
     section, _, key = dotted.partition(".")
     if not key or "." in key:

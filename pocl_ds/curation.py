@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pocl_ds import atomic, distributed
+from pocl_ds.config import changed_fields
 from pocl_ds.data import TokenizedSample
 from pocl_ds.engine import weights_fingerprint
 from pocl_ds.generation import Generations, distributed_generate, generate, prompt_seed
@@ -76,19 +77,6 @@ def _model_config(model: torch.nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(config, sort_keys=True, default=str))
 
 
-def _changed_fields(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    changed = []
-    for name in sorted(set(old) | set(new)):
-        before, after = old.get(name), new.get(name)
-        if before == after:
-            continue
-        if isinstance(before, Mapping) and isinstance(after, Mapping):
-            changed += _changed_fields(before, after, f"{prefix}{name}.")
-        else:
-            changed.append(f"{prefix}{name}")
-    return changed
-
-
 def _read_seqkd_cache(
     cache_path: Path, key: Mapping[str, Any], num_samples: int
 ) -> tuple[Generations | None, str]:
@@ -105,7 +93,7 @@ def _read_seqkd_cache(
     if not isinstance(old_key, Mapping):
         return None, f"{cache_path} was written by an older version"
     if old_key != key:
-        return None, "changed: " + ", ".join(_changed_fields(old_key, key))
+        return None, "changed: " + "; ".join(changed_fields(old_key, key))
     if len(records) != num_samples:
         return None, f"{cache_path} holds {len(records)} answers for {num_samples} prompts"
     return Generations(
@@ -197,10 +185,12 @@ def seqkd_responses(
         distributed.barrier()
     truncated = answers.finished.count(False)
     logger.info(
-        "SeqKD: %d of %d teacher answers hit the %d-token budget (kept without EOS)",
+        "SeqKD: %d of %d teacher answers cut off by the token budget (max_new_tokens %d, "
+        "max_length %d): kept without EOS",
         truncated,
         len(samples),
         max_new_tokens,
+        max_length,
     )
     curated = [
         _with_response(s, ids, finished=finished, eos_id=eos_id, max_length=max_length)

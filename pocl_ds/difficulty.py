@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pocl_ds import atomic, distributed
+from pocl_ds.config import changed_fields
 from pocl_ds.data import IGNORE_INDEX, TokenizedSample, collate_for_training
 from pocl_ds.engine import weights_fingerprint
 from pocl_ds.errors import PoclError
@@ -284,19 +285,11 @@ def write_cache(
 
 
 def _key_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """Why the cached scores do not serve ``new``: fingerprints by name, settings by value."""
     labels = {"weights": "student weights changed", "data": "training data changed"}
-    for name in sorted(set(old) | set(new)):
-        if old.get(name) == new.get(name):
-            continue
-        if name in labels:
-            return labels[name]
-        before, after = old.get(name), new.get(name)
-        if isinstance(before, Mapping) and isinstance(after, Mapping):
-            fields = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
-            changes = ", ".join(f"{f}: {before.get(f)!r} -> {after.get(f)!r}" for f in fields)
-            return f"{name} changed ({changes})"
-        return f"{name} changed ({before!r} -> {after!r})"
-    return "key changed"
+    reasons = [label for name, label in labels.items() if old.get(name) != new.get(name)]
+    settings = [{k: v for k, v in key.items() if k not in labels} for key in (old, new)]
+    return "; ".join(reasons + changed_fields(*settings)) or "key changed"
 
 
 def read_cache(

@@ -144,6 +144,15 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     return info
 
 
+def share_cores() -> None:
+    """Give each rank on this machine its share of the cores, unless OMP_NUM_THREADS already
+    says how many: ranks that each take every core fight over them. Call before any work."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 

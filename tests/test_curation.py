@@ -102,8 +102,8 @@ def test_seqkd_answers_cut_at_the_budget_get_no_eos(tmp_path, caplog):
     assert 0 < expected_truncated < len(samples)
     assert result.truncated == expected_truncated
     assert (
-        f"{expected_truncated} of {len(samples)} teacher answers hit the 6-token budget "
-        "(kept without EOS)" in caplog.text
+        f"{expected_truncated} of {len(samples)} teacher answers cut off by the token budget "
+        "(max_new_tokens 6, max_length 40): kept without EOS" in caplog.text
     )
     # Reused from the cache, the answers keep their finished/truncated state.
     again = run_seqkd(teacher, samples, tmp_path / "seqkd.jsonl", eos_id=eos)

@@ -314,7 +314,7 @@ def test_cache_hit_and_miss(samples, tokenizer, tmp_path, caplog):
         cache_key={"student": "b"},
         max_new_tokens=7,
     )
-    assert not other.reused and "extra changed" in caplog.text
+    assert not other.reused and "extra.student: 'a' -> 'b'" in caplog.text
 
     caplog.clear()
     cache.write_text(cache.read_text().replace('"subset": 1', '"subset": 2'))
