@@ -73,7 +73,7 @@ class DataConfig:
     )
     valid_path: str | None = _field(None, "validation data; unset: split from train_path")
     test_path: str | None = _field(None, "test data; unset: split from train_path")
-    format: Literal["auto", "minillm", "dolly", "hf"] = _field(
+    format: Literal["auto", "minillm", "dolly", "text", "hf"] = _field(
         "auto", "input layout; auto detects it"
     )
     split_sizes: list[int] | None = _field(
@@ -94,9 +94,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    method: Literal["sft", "kd", "seqkd", "gkd"] = _field(
+    method: Literal["sft", "pretrain", "kd", "seqkd", "gkd"] = _field(
         "kd",
-        "sft: ground truth, alpha=1; kd: white-box divergence; seqkd: SFT on teacher outputs; gkd: on-policy JSD",
+        "sft: ground truth, alpha=1; pretrain: causal LM on every token (a base model); "
+        "kd: white-box divergence; seqkd: SFT on teacher outputs; gkd: on-policy JSD",
     )
     divergence: Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl"] = _field(
         "fkl", "per-token divergence D(p, q) of SPEC.md"
@@ -395,6 +396,11 @@ def _check_consistency(config: ExperimentConfig) -> None:
             f"model.teacher: missing; distill.method={config.distill.method} needs a teacher"
         )
     _check_sft_weights(config)
+    if method_spec(config.distill.method).loss_on_prompt and config.curriculum.strategy != "none":
+        raise PoclError(
+            f"curriculum.strategy: {config.curriculum.strategy} needs prompts to rank, but "
+            f"distill.method={config.distill.method} trains a base model on plain text; use none"
+        )
     if not config.data.train_path:
         raise PoclError("data.train_path: missing; name the training data file")
     split = config.data.split_sizes

@@ -41,7 +41,7 @@ PROMPT_TEMPLATE_WITH_INPUT = (
     "### Response:\n"
 )
 
-DATA_FORMATS = ("auto", "minillm", "dolly", "hf")
+DATA_FORMATS = ("auto", "minillm", "dolly", "text", "hf")
 OVERFLOW_POLICIES = ("drop", "truncate_prompt")
 # The paper's dolly-15k split: train / validation / test.
 PAPER_SPLIT_SIZES = (12_500, 1_000, 500)
@@ -130,7 +130,7 @@ def load_instructions(
         records = _read_with_datasets(source, split=split or "train")
     else:
         raise PoclError(f"{source}: no such file; check data.train_path (or the eval path)")
-    layout = data_format if data_format in ("minillm", "dolly") else None
+    layout = data_format if data_format in ("minillm", "dolly", "text") else None
     return _parse_records(source, records, layout)
 
 
@@ -218,10 +218,28 @@ def _detect_layout(where: str, record: Mapping[str, Any]) -> str:
         return "dolly"
     if "output" in record:
         return "minillm"
+    if "text" in record:
+        return "text"
     raise PoclError(
         f"{where}: cannot tell the data layout from fields {sorted(record)}; a record "
-        "needs 'output' (MiniLLM layout) or 'response' (dolly layout)"
+        "needs 'output' (MiniLLM layout), 'response' (dolly layout) or 'text' (plain text)"
     )
+
+
+def _layout_fields(
+    where: str, record: Mapping[str, Any], layout: str
+) -> tuple[str, str, tuple[str, ...], str | None]:
+    """(instruction, input, references, prompt or None to render) of one record."""
+    if layout == "dolly":
+        instruction = _string_field(where, record, "instruction")
+        input_text = _string_field(where, record, "context", required=False)
+        return instruction, input_text, _references(where, record, "response"), None
+    if layout == "text":  # pre-training text: no prompt, the whole text is the target
+        return "", "", _references(where, record, "text"), ""
+    instruction = _string_field(where, record, "instruction", required="prompt" not in record)
+    input_text = _string_field(where, record, "input", required=False)
+    prompt = _string_field(where, record, "prompt", required=False) or None
+    return instruction, input_text, _references(where, record, "output"), prompt
 
 
 def _parse_records(
@@ -238,18 +256,7 @@ def _parse_records(
         if not isinstance(record, Mapping):
             raise PoclError(f"{where}: expected a JSON object, got {type(record).__name__}")
         layout = layout or _detect_layout(where, record)
-        if layout == "dolly":
-            instruction = _string_field(where, record, "instruction")
-            input_text = _string_field(where, record, "context", required=False)
-            references = _references(where, record, "response")
-            prompt = None
-        else:
-            instruction = _string_field(
-                where, record, "instruction", required="prompt" not in record
-            )
-            input_text = _string_field(where, record, "input", required=False)
-            references = _references(where, record, "output")
-            prompt = _string_field(where, record, "prompt", required=False) or None
+        instruction, input_text, references, prompt = _layout_fields(where, record, layout)
         category = _string_field(where, record, "category", required=False) or (
             _string_field(where, record, "topic", required=False) or None
         )
@@ -260,7 +267,7 @@ def _parse_records(
         if not instruction.strip() and prompt is None:
             skipped["empty instruction"].append(f"{kind} {number}")
             continue
-        rendered = render_prompt(instruction, input_text)
+        rendered = render_prompt(instruction, input_text) if layout != "text" else ""
         if prompt is None:
             prompt = rendered
         elif instruction and prompt != rendered:
@@ -490,14 +497,15 @@ def prompt_bos(tokenizer: Any) -> list[int]:
 
 
 def collate_for_training(
-    samples: Sequence[TokenizedSample], pad_id: int
+    samples: Sequence[TokenizedSample], pad_id: int, *, loss_on_prompt: bool = False
 ) -> dict[str, torch.Tensor]:
     """Right-padded training batch.
 
     Returns:
         ``input_ids`` [B, T] long, ``attention_mask`` [B, T] long (1 on real tokens),
-        ``labels`` [B, T] long (the token at t on response positions, -100 on the prompt
-        and padding; the loss does the shift), ``sample_index`` [B] long.
+        ``labels`` [B, T] long (the token at t on response positions — on every real position
+        with ``loss_on_prompt``, as pre-training does — and -100 elsewhere; the loss does the
+        shift), ``sample_index`` [B] long.
     """
     if not samples:
         raise ValueError("collate_for_training needs at least one sample")
@@ -510,7 +518,8 @@ def collate_for_training(
         length = prompt_len + len(sample.response_ids)
         input_ids[row, :length] = torch.tensor(sample.prompt_ids + sample.response_ids)
         attention_mask[row, :length] = 1
-        labels[row, prompt_len:length] = torch.tensor(sample.response_ids)
+        first = 0 if loss_on_prompt else prompt_len
+        labels[row, first:length] = input_ids[row, first:length]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

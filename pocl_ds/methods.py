@@ -26,6 +26,8 @@ class MethodSpec:
       None takes the configured α.
     - ``default_alpha``: (α_0, α_n) of the POCL schedule when the recipe sets none. SPEC: 0.3 → 0
       off-policy, 0 throughout on-policy (an explicit setting is honoured).
+    - ``loss_on_prompt``: every token is a target, the prompt's too (causal-LM pre-training of
+      a base model); otherwise only the response's tokens are.
     """
 
     name: str
@@ -35,6 +37,7 @@ class MethodSpec:
     divergence: str | None = None
     sft_weight: float | None = None
     default_alpha: tuple[float, float] = (0.3, 0.0)
+    loss_on_prompt: bool = False
 
     @property
     def on_policy(self) -> bool:
@@ -72,6 +75,14 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("sft", teacher="none", curation="ground_truth", distills=False, sft_weight=1.0),
+        MethodSpec(
+            "pretrain",
+            teacher="none",
+            curation="ground_truth",
+            distills=False,
+            sft_weight=1.0,
+            loss_on_prompt=True,
+        ),
         MethodSpec("kd", teacher="train", curation="ground_truth", distills=True),
         MethodSpec(
             "seqkd", teacher="generate", curation="teacher_answers", distills=False, sft_weight=1.0

@@ -1,9 +1,8 @@
 """The stage → epoch → step loop of one distillation run on a DeepSpeed student.
 
-``Trainer(build_run(config)).run()`` is everything ``launch/train.py`` does after parsing:
-``recipe.build_run`` builds the run (data, models, curation, difficulty, plans, samplers) and
-the trainer runs it: the loop, validation, checkpoints, export and the final evaluation. Every
-rank runs it; rank 0 decides what must be decided once and broadcasts it.
+``Trainer(build_run(config)).run()`` is all ``launch/train.py`` does after parsing: ``build_run``
+builds the run (data, models, curation, difficulty, plans, samplers), the trainer runs the loop,
+validation, checkpoints, export and evaluation; on every rank, rank 0 deciding what is shared.
 """
 
 from __future__ import annotations
@@ -105,10 +104,11 @@ class Trainer:
             step=self.position.global_step,
             synced_gpus=run.zero3,
         )
-        collated = [
-            {k: v.to(run.device) for k, v in collate_for_training(mb, run.pad_id).items()}
-            for mb in micro_batches
+        on_prompt = run.method.loss_on_prompt  # pre-training: every token is a target
+        batches = [
+            collate_for_training(mb, run.pad_id, loss_on_prompt=on_prompt) for mb in micro_batches
         ]
+        collated = [{k: v.to(run.device) for k, v in batch.items()} for batch in batches]
         world, accumulation = distributed.world_size(), cfg.train.gradient_accumulation_steps
         global_tokens = distributed.all_reduce_sum(sum(_target_count(b) for b in collated))
         # The engine averages gradients over ranks and scales by 1/accumulation, so each

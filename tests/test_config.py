@@ -79,6 +79,7 @@ BAD = [
     (["curriculum.order=sideways"], "curriculum.order"),
     (["distill.method=sft", "distill.sft_weight=0.3"], "distill.sft_weight"),
     (["distill.method=seqkd", "curriculum.sft_weight_start=0.3"], "curriculum.sft_weight_start"),
+    (["distill.method=pretrain", "curriculum.strategy=pocl"], "curriculum.strategy"),
     (["data.overflow=wrap"], "data.overflow"),
     (["data.split_sizes=[1]"], "data.split_sizes"),
     (["eval.seeds=[]"], "eval.seeds"),

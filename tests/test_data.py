@@ -419,6 +419,32 @@ def test_training_collation_masks_prompt_and_padding(tokenizer):
         assert batch["input_ids"][row, length:].eq(tokenizer.pad_token_id).all()
 
 
+def test_pretraining_collation_targets_every_real_token(tokenizer):
+    tokenized = tokenize_samples(make_samples(3), tokenizer, max_length=256)
+    batch = collate_for_training(tokenized, pad_id=tokenizer.pad_token_id, loss_on_prompt=True)
+    width = batch["input_ids"].shape[1]
+    for row, sample in enumerate(tokenized):
+        length = len(sample.prompt_ids) + len(sample.response_ids)
+        labels = batch["labels"][row].tolist()
+        assert labels[:length] == [*sample.prompt_ids, *sample.response_ids]
+        assert labels[length:] == [IGNORE_INDEX] * (width - length)
+
+
+def test_plain_text_layout_is_a_sample_without_prompt(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "one two three"}, {"text": "four"}])
+    samples = load_instructions(path)
+    assert [(s.prompt, s.instruction, s.references) for s in samples] == [
+        ("", "", ("one two three",)),
+        ("", "", ("four",)),
+    ]
+    assert load_instructions(path, data_format="text") == samples
+    tokenized = tokenize_samples(samples, tokenizer, max_length=64)
+    assert tokenized[0].prompt_ids == tuple(prompt_bos(tokenizer))
+    assert tokenized[0].response_ids[-1] == tokenizer.eos_token_id
+    with pytest.raises(PoclError, match="'text' \\(plain text\\)"):
+        load_instructions(write_jsonl(tmp_path / "bad.jsonl", [{"words": "x"}]))
+
+
 def test_generation_collation_is_left_padded():
     batch = collate_for_generation([[5, 6, 7], [8], [9, 10]], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]

@@ -30,6 +30,13 @@ def test_each_method_row():
     ]
 
 
+def test_pretraining_targets_every_token_and_needs_no_teacher():
+    pretrain = method_spec("pretrain")
+    assert pretrain.loss_on_prompt and pretrain.teacher == "none"
+    assert pretrain.alpha(None) == 1.0 and pretrain.trained_divergence("fkl") is None
+    assert not any(method_spec(m).loss_on_prompt for m in ("sft", "kd", "seqkd", "gkd"))
+
+
 def test_alpha_rules():
     kd, gkd, seqkd = method_spec("kd"), method_spec("gkd"), method_spec("seqkd")
     # unset: 0 without curriculum; SPEC's 0.3 -> 0 off-policy and 0 -> 0 on-policy under POCL
