@@ -9,6 +9,8 @@ vocabulary V (student and teacher heads both [V, H]; every token valid):
     naive         logits of both models, the divergence on full [N × V] tensors, autograd
     distill_loss  logits of both models (autograd matmul), then the chunked `distill_loss`
     fused         `fused_linear_distill_loss` from hidden states and head weights
+    fused_labels  the same with labels and sft_weight α = 0.3 (every off-policy KD stage of
+                  POCL): the kernel's own α·CE + (1 − α)·KD, still four matmuls
     liger         Liger-Kernel's LigerFusedLinearJSDLoss, pure-PyTorch path, eager (jsd only)
     liger_compiled  the same with its torch.compile (jsd only)
     floor         the four N×H×V matmuls alone (two logits, two gradients), same chunking
@@ -17,10 +19,12 @@ Each case runs in a fresh subprocess. Peak memory is the rise of resident memory
 over what the inputs already use, with glibc told to map every block of 1 MiB or more
 directly so that freed tensors leave RSS at once (on CUDA: max_memory_allocated). The time
 is the median of --repeats runs (after one untimed run for compiled cases); each case also
-times one floor run in its own process just before, and "× floor" divides by that, so load
-from other jobs on a shared machine shifts both alike. Rows go to benchmarks/kernel.csv
+times --repeats floor runs in its own process just before, and "× floor" divides by their
+median, so load from other jobs on a shared machine shifts both alike. Rows go to benchmarks/kernel.csv
 (machine, versions, commit, sizes), one per case as it finishes; the table of this run is
-printed and written to benchmarks/kernel.md.
+printed and written to benchmarks/kernel.md, followed by a PASS or FAIL line per target:
+fused ≤ 1.10× floor for jsd and ≤ 1.20× for every other kind, fused_labels ≤ 1.20×, and the
+fused peaks ≤ 1/8 of naive's.
 """
 
 import argparse
@@ -48,9 +52,13 @@ from bench_common import (  # noqa: E402
 from pocl_ds.cli import ArgumentParser, run_main  # noqa: E402
 from pocl_ds.errors import PoclError  # noqa: E402
 
-IMPLS = ("naive", "distill_loss", "fused", "liger", "liger_compiled", "floor")
+IMPLS = ("naive", "distill_loss", "fused", "fused_labels", "liger", "liger_compiled", "floor")
 KIND_FREE = ("floor",)  # the same for every kind: measured once per N
 JSD_ONLY = ("liger", "liger_compiled")
+LABELS_SFT_WEIGHT = 0.3  # α of POCL's first stage (SPEC: α falls 0.3 → 0)
+FLOOR_TARGETS = {"fused": {"jsd": 1.10}, "fused_labels": {}}  # × floor; other kinds: 1.20
+DEFAULT_FLOOR_TARGET = 1.20
+MEMORY_TARGET = 1 / 8  # of naive's peak
 FIELDS = [
     "timestamp", "commit", "machine", "device", "torch", "liger", "dtype", "impl", "kind",
     "n", "hidden", "vocab", "chunk_size", "threads", "repeats", "median_s", "min_s",
@@ -161,6 +169,15 @@ def _case_runner(spec: dict, inputs: dict):
         def loss():
             return fused_linear_distill_loss(h_s, w_s, h_t, w_t, mask, kind=kind, chunk_size=chunk)
 
+    elif impl == "fused_labels":
+
+        def loss():
+            mixed, _, _ = fused_linear_distill_loss(
+                h_s, w_s, h_t, w_t, mask, kind=kind, chunk_size=chunk, labels=labels,
+                sft_weight=LABELS_SFT_WEIGHT,
+            )  # fmt: skip
+            return mixed
+
     else:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
@@ -195,14 +212,19 @@ def run_case(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    # The machine may be shared: a floor run in this process, just before the case, gives a
-    # time ratio that load changes between cases do not distort.
+    # The machine may be shared: floor runs in this process, just before the case, give a
+    # time ratio that load changes between cases do not distort. As many as the case's own
+    # runs, and their median: a single floor run is a cold one (first touch of its buffers)
+    # and would flatter the ratio.
     floor_run, _ = _case_runner({**spec, "impl": "floor"}, inputs)
-    sync()
-    start = time.perf_counter()
-    floor_run()
-    sync()
-    floor_s = time.perf_counter() - start
+    floor_times = []
+    for _ in range(spec["repeats"]):
+        sync()
+        start = time.perf_counter()
+        floor_run()
+        sync()
+        floor_times.append(time.perf_counter() - start)
+    floor_s = statistics.median(floor_times)
     del floor_run
     run, params = _case_runner(spec, inputs)
 
@@ -318,8 +340,8 @@ def _markdown(rows: list[dict]) -> str:
         f"chunk {first['chunk_size']}; {first['machine']} ({first['device']}), torch "
         f"{first['torch']}, liger-kernel {first['liger'] or 'not installed'}, commit "
         f"{first['commit']}; median of {first['repeats']}. Peak = extra resident memory over "
-        "the inputs. × floor: time / the four chunked matmuls alone, run in the same process "
-        "just before the case (the floor row: its own median); × naive memory: peak / naive's "
+        "the inputs. × floor: time / the four chunked matmuls alone (median of as many runs), "
+        "run in the same process just before the case (the floor row: its own median); × naive memory: peak / naive's "
         "of the same kind.",
         "",
         "| N | kind | impl | time (s) | floor (s) | × floor | peak extra (MB) | × naive memory |",
@@ -342,6 +364,30 @@ def _markdown(rows: list[dict]) -> str:
             f"| {x_naive} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """PASS/FAIL per target and measured case: time against the floor, peak against naive."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    naive_mb = {(r["n"], r["kind"]): float(r["peak_extra_mb"]) for r in ok if r["impl"] == "naive"}
+    lines = []
+    for r in ok:
+        if r["impl"] not in FLOOR_TARGETS:
+            continue
+        target = FLOOR_TARGETS[r["impl"]].get(r["kind"], DEFAULT_FLOOR_TARGET)
+        ratio = float(r["median_s"]) / float(r["floor_s"])
+        where = f"N={r['n']} {r['kind']} {r['impl']}"
+        lines.append(
+            f"{'PASS' if ratio <= target else 'FAIL'} {where}: {ratio:.2f}x floor (target <= {target:.2f}x)"
+        )
+        naive = naive_mb.get((r["n"], r["kind"]))
+        if naive:
+            share = float(r["peak_extra_mb"]) / naive
+            lines.append(
+                f"{'PASS' if share <= MEMORY_TARGET else 'FAIL'} {where}: peak {share:.3f} of naive "
+                f"(target <= {MEMORY_TARGET:.3f})"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         append_rows("kernel", rows[-1:], FIELDS, args.output_dir)
         write_table("kernel", _markdown(rows), args.output_dir)
     print(_markdown(rows))
+    print("\n".join(verdicts(rows)))
     return 0
 
 

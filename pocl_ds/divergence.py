@@ -187,15 +187,25 @@ def _block_rows(vocab: int, device: torch.device, chunk_rows: int) -> int:
 
 
 class _Workspace:
-    """Scratch [block_rows × V] buffers reused by every block of one kernel call."""
+    """Scratch [block_rows × V] buffers reused by every block of one kernel call: the student's
+    and the teacher's exponentials, a scratch block and, for a mixed loss, the block's CE
+    gradient (so no [chunk × V] CE buffer is needed)."""
 
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        rows: int,
+        vocab: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        mixed: bool = False,
+    ) -> None:
         self.rows = rows
-        self._buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(3)]
+        count = 4 if mixed else 3  # (the 4th only at τ ≠ 1; cheap to keep at the block size)
+        self._buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(count)]
 
-    def get(self, rows: int) -> tuple[Tensor, Tensor, Tensor]:
-        student_exp, teacher_exp, scratch = (buf[:rows] for buf in self._buffers)
-        return student_exp, teacher_exp, scratch
+    def get(self, rows: int) -> list[Tensor]:
+        return [buf[:rows] for buf in self._buffers]
 
 
 def _shifted_exp_(logits: Tensor, exp_out: Tensor) -> tuple[Tensor, Tensor]:
@@ -315,18 +325,23 @@ def _block_cross_entropy_(
     log_q_total: Tensor,
     labels: Tensor,
     temperature: float,
-    work: Tensor,
+    work: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """CE at temperature 1 of one block, from s after `_shifted_exp_` (left unchanged).
 
     Writes G' into `work` with ∂CE/∂z = factor · G' (softmax(z) − onehot(label)); rows whose
     label is IGNORE_INDEX get 0 loss and factor 0. Returns (Σ CE, factor [rows, 1]).
+    At τ = 1 `work` may be None: G' is then q_exp − Z·onehot, left for `_add_ce_grad_` to
+    form inside its own pass (q_exp is already softmax(z)'s numerator).
     """
     keep = labels != IGNORE_INDEX
     safe = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(1)
     if temperature == 1.0:
-        work.copy_(q_exp)
         total, log_total = q_total, log_q_total
+        if work is None:
+            picked = s.gather(1, safe)
+            return ((log_total - picked).squeeze(1) * keep).sum(), keep.unsqueeze(1) / total
+        work.copy_(q_exp)
     else:
         # z − max z = τ·(s − max s) since τ > 0
         torch.mul(s, temperature, out=work)
@@ -337,6 +352,20 @@ def _block_cross_entropy_(
     ce = ((log_total - picked).squeeze(1) * keep).sum()
     work.scatter_add_(1, safe, -total)
     return ce, keep.unsqueeze(1) / total
+
+
+def _add_ce_grad_(
+    grad: Tensor, weight: float, work: Tensor | None, q_exp: Tensor, factor: Tensor, labels: Tensor
+) -> None:
+    """grad += weight · ∂CE/∂z, from `_block_cross_entropy_`'s work and factor (work None: the
+    τ = 1 form, q_exp·factor − onehot, whose onehot part is a scatter, not a pass)."""
+    if work is not None:
+        grad.addcmul_(work, factor * weight)
+        return
+    grad.addcmul_(q_exp, factor * weight)
+    keep = labels != IGNORE_INDEX
+    safe = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(1)
+    grad.scatter_add_(1, safe, keep.unsqueeze(1).to(grad.dtype).mul_(-weight))
 
 
 @contextlib.contextmanager
@@ -369,12 +398,17 @@ def _chunk_divergence_(
     labels: Tensor | None = None,
     ce_grad: Tensor | None = None,
     ce_factor: Tensor | None = None,
+    mix: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the block kernel over a chunk's rows; returns (Σ D, Σ CE) of the chunk.
 
     s, t: [rows, V] student/teacher scaled logits. On return ∂D/∂s = kd_factor · s (G' in s,
     kd_factor: [rows, 1]); with `labels` the CE sum is formed too and its ∂CE/∂z is
     ce_factor · ce_grad (CE only needs the student, so the "zero" kind skips the teacher).
+
+    With ``mix = (a, b)`` (labels and a divergence) s instead holds a·∂D/∂s + b·∂CE/∂z whole,
+    combined block by block while the block is still in cache; kd_factor, ce_grad and
+    ce_factor are not used. One gradient then needs one pair of matmuls, not two.
     """
     kd_total = s.new_zeros(())
     ce_total = s.new_zeros(())
@@ -383,24 +417,34 @@ def _chunk_divergence_(
     with _elementwise_threads(s.device):
         for start in range(0, s.shape[0], workspace.rows):
             block = slice(start, min(start + workspace.rows, s.shape[0]))
-            q_exp, p_exp, scratch = workspace.get(block.stop - block.start)
+            q_exp, p_exp, scratch, *mixed_ce = workspace.get(block.stop - block.start)
             s_block = s[block]
             q_total, log_q_total = _shifted_exp_(s_block, q_exp)
+            ce_work, ce_row_factor = None, None
             if labels is not None:
-                ce_work = ce_grad[block] if ce_grad is not None else scratch
-                ce, factor = _block_cross_entropy_(
+                if mix:  # at τ = 1 the CE gradient needs no block of its own (q_exp serves)
+                    ce_work = mixed_ce[0] if temperature != 1.0 else None
+                else:
+                    ce_work = ce_grad[block] if ce_grad is not None else scratch
+                ce, ce_row_factor = _block_cross_entropy_(
                     s_block, q_exp, q_total, log_q_total, labels[block], temperature, ce_work
                 )
                 ce_total += ce
-                if ce_factor is not None:
-                    ce_factor[block] = factor
+                if ce_factor is not None and not mix:
+                    ce_factor[block] = ce_row_factor
             if div.kind == "zero":
                 continue
             kd, factor = _block_divergence_(
                 s_block, q_exp, q_total, log_q_total, t[block], div, p_exp, scratch
             )
             kd_total += kd
-            kd_factor[block] = factor
+            if mix:
+                kd_weight, ce_weight = mix
+                s_block.mul_(factor * kd_weight)
+                if ce_weight:
+                    _add_ce_grad_(s_block, ce_weight, ce_work, q_exp, ce_row_factor, labels[block])
+            else:
+                kd_factor[block] = factor
 
     return kd_total, ce_total
 
@@ -436,9 +480,9 @@ class _HeadGrads:
     bias: Tensor | None  # [V_s]
 
     def add_chunk(
-        self, rows: slice, grad: Tensor, factor: Tensor, hidden: Tensor, weight: Tensor
+        self, rows: slice, grad: Tensor, factor: Tensor | None, hidden: Tensor, weight: Tensor
     ) -> None:
-        """Add a chunk whose ∂/∂logits is factor · grad.
+        """Add a chunk whose ∂/∂logits is factor · grad (grad alone when factor is None).
 
         grad: [c, V'] G'; factor: [c, 1] row factors (scale folded in); hidden: [c, H] the
         chunk's hidden states; weight: [V', H] the head rows in use.
@@ -447,14 +491,20 @@ class _HeadGrads:
         out = self.hidden[rows]
         if grad.dtype == weight.dtype:
             torch.mm(grad, weight, out=out)
-            self.weight[:vocab].addmm_(grad.t(), hidden * factor.to(hidden.dtype))
-        else:
+            scaled = hidden if factor is None else hidden * factor.to(hidden.dtype)
+            self.weight[:vocab].addmm_(grad.t(), scaled)
+        else:  # low-precision head: scale the hidden states in fp32 before rounding them
             low = grad.to(weight.dtype)
             out.copy_(low @ weight)
-            self.weight[:vocab].add_(low.t() @ (hidden.float() * factor).to(weight.dtype))
-        out.mul_(factor)
+            scaled = hidden.float() if factor is None else hidden.float() * factor
+            self.weight[:vocab].add_(low.t() @ scaled.to(weight.dtype))
+        if factor is not None:
+            out.mul_(factor)
         if self.bias is not None:
-            self.bias[:vocab].addmv_(grad.t().to(self.bias.dtype), factor.reshape(-1))
+            if factor is None:
+                self.bias[:vocab].add_(grad.sum(dim=0).to(self.bias.dtype))
+            else:
+                self.bias[:vocab].addmv_(grad.t().to(self.bias.dtype), factor.reshape(-1))
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -480,7 +530,8 @@ class _FusedLinearDistill(torch.autograd.Function):
         chunk_size: int,
         vocab: int,
         grads_wanted: bool,
-    ) -> tuple[Tensor, Tensor]:
+        sft_weight: float | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         num_rows = student_hidden.shape[0]
         device = student_hidden.device
         dtype = _compute_dtype(student_hidden, student_weight)
@@ -501,8 +552,13 @@ class _FusedLinearDistill(torch.autograd.Function):
                 else torch.zeros(student_bias.shape, dtype=acc, device=device),
             )
 
-        kd_grads = new_grads() if need_grad and div.kind != "zero" else None
-        ce_grads = new_grads() if need_grad and with_ce else None
+        # A mixed loss α·CE + (1 − α)·KD: one gradient, one pair of matmuls per chunk.
+        mixed = sft_weight is not None and with_ce and div.kind != "zero"
+        kd_scale = _kd_grad_scale(temperature, scale_by_temperature_squared)
+        mix = ((1.0 - sft_weight) * kd_scale, sft_weight) if mixed and need_grad else None
+        mixed_grads = new_grads() if mix else None
+        kd_grads = new_grads() if need_grad and div.kind != "zero" and not mixed else None
+        ce_grads = new_grads() if need_grad and with_ce and not mixed else None
         rows = min(chunk_size, max(num_rows, 1))
         student_buf = torch.empty(rows, vocab, dtype=dtype, device=device)
         teacher_buf = (
@@ -511,8 +567,9 @@ class _FusedLinearDistill(torch.autograd.Function):
         ce_buf = torch.empty(rows, vocab, dtype=dtype, device=device) if ce_grads else None
         kd_factor = torch.empty(rows, 1, dtype=dtype, device=device)
         ce_factor = torch.empty(rows, 1, dtype=dtype, device=device)
-        workspace = _Workspace(_block_rows(vocab, device, rows), vocab, dtype, device)
-        kd_scale = _kd_grad_scale(temperature, scale_by_temperature_squared)
+        workspace = _Workspace(
+            _block_rows(vocab, device, rows), vocab, dtype, device, mixed=mix is not None
+        )
         kd_sum = torch.zeros((), dtype=dtype, device=device)
         ce_sum = torch.zeros((), dtype=dtype, device=device)
         # With no CE and an identically-zero divergence there is nothing to compute.
@@ -537,9 +594,12 @@ class _FusedLinearDistill(torch.autograd.Function):
                 labels[chunk] if with_ce else None,
                 ce_grad,
                 ce_factor[:count],
+                mix,
             )
             kd_sum += kd
             ce_sum += ce
+            if mixed_grads is not None:
+                mixed_grads.add_chunk(chunk, s, None, h_s, ws)
             if kd_grads is not None:
                 kd_grads.add_chunk(chunk, s, kd_factor[:count].mul_(kd_scale), h_s, ws)
             if ce_grads is not None:
@@ -550,25 +610,30 @@ class _FusedLinearDistill(torch.autograd.Function):
             torch.float32 if dtype != torch.float64 else dtype
         )
         ce_loss = (ce_sum / divisor).to(kd_loss.dtype)
+        loss = (
+            (1.0 - sft_weight) * kd_loss + sft_weight * ce_loss if mixed else kd_loss.new_zeros(())
+        )
         ctx.kd_grads, ctx.ce_grads, ctx.divisor = kd_grads, ce_grads, divisor
+        ctx.mixed_grads = mixed_grads
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
         ctx.bias_dtype = student_bias.dtype if student_bias is not None else None
         ctx.bias_shape = student_bias.shape if student_bias is not None else None
         ctx.shapes = (student_hidden.shape, student_weight.shape)
         ctx.device = device
-        if not with_ce:
-            ctx.mark_non_differentiable(ce_loss)
-        return kd_loss, ce_loss
+        if mixed:  # only the mixed loss carries the gradient; kd and ce are its parts, for logs
+            ctx.mark_non_differentiable(kd_loss, ce_loss)
+        else:
+            ctx.mark_non_differentiable(loss)
+            if not with_ce:
+                ctx.mark_non_differentiable(ce_loss)
+        return kd_loss, ce_loss, loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_kd: Tensor | None, grad_ce: Tensor | None):
+    def backward(ctx, grad_kd: Tensor | None, grad_ce: Tensor | None, grad_loss: Tensor | None):
         hidden_dtype, weight_dtype = ctx.dtypes
-        terms = [
-            (grads, g)
-            for grads, g in ((ctx.kd_grads, grad_kd), (ctx.ce_grads, grad_ce))
-            if grads is not None and g is not None
-        ]
+        pairs = (ctx.kd_grads, grad_kd), (ctx.ce_grads, grad_ce), (ctx.mixed_grads, grad_loss)
+        terms = [(grads, g) for grads, g in pairs if grads is not None and g is not None]
         # Out of place, so a second backward (retain_graph, gradcheck) sees the same saved
         # gradients; the forward's chunk buffers are gone by now, so this does not raise the peak.
         grad_hidden = grad_weight = grad_bias = None
@@ -594,7 +659,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             grad_hidden.to(hidden_dtype),
             grad_weight.to(weight_dtype),
             grad_bias,
-            *([None] * 11),
+            *([None] * 12),
         )
 
 
@@ -743,7 +808,8 @@ def fused_linear_distill_loss(
     student_head_bias: Tensor | None = None,
     teacher_head_bias: Tensor | None = None,
     vocab_size: int | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+    sft_weight: float | None = None,
+) -> Tensor | tuple[Tensor, ...]:
     """`distill_loss` of the logits `hidden · weightᵀ + bias`, never holding [tokens × vocab].
 
     The caller aligns positions: hidden state t predicts labels[t] and is counted where
@@ -769,14 +835,22 @@ def fused_linear_distill_loss(
     Vocabulary widths may differ (padded embedding tables): both distributions, and the CE,
     are over the first `vocab_size` ids; labels must be ids below it.
 
-    Cost: the four N×H×V matmuls of logits and gradients (six with labels: the CE gradient
-    needs its own pair because the caller weighs the two terms after the forward).
+        sft_weight: α ∈ [0, 1], with `labels` and a teacher: the kernel forms the gradient of
+            the mixed loss α·CE + (1 − α)·kd_loss itself, block by block, and returns it too.
+
+    Cost: the four N×H×V matmuls of logits and gradients. With labels but no `sft_weight`,
+    six: the CE gradient needs its own pair because the caller weighs the terms afterwards.
 
     Returns:
-        kd_loss (0-d fp32), or (kd_loss, ce_loss) when `labels` is given.
+        kd_loss (0-d fp32); (kd_loss, ce_loss) when `labels` is given; (loss, kd_loss, ce_loss)
+        with `sft_weight`, where only `loss` carries a gradient.
     """
     temperature = _check_temperature(temperature)
     chunk_size = _check_chunk_size(chunk_size)
+    if sft_weight is not None and (labels is None or teacher_hidden is None):
+        raise PoclError("sft_weight mixes the CE with the divergence: pass labels and a teacher")
+    if sft_weight is not None and not 0.0 <= sft_weight <= 1.0:
+        raise PoclError(f"sft_weight={sft_weight} must be in [0, 1]")
     student = _flat_rows(student_hidden, "student_hidden")
     pairs = [("student", student, student_head_weight)]
     if (teacher_hidden is None) != (teacher_head_weight is None):
@@ -827,7 +901,7 @@ def fused_linear_distill_loss(
                 f"labels hold ids outside [0, {vocab}) at response positions; every label "
                 f"must be a token of the compared vocabulary (or IGNORE_INDEX={IGNORE_INDEX})"
             )
-    kd_loss, ce_loss = _FusedLinearDistill.apply(
+    kd_loss, ce_loss, loss = _FusedLinearDistill.apply(
         student.index_select(0, valid_index),
         student_head_weight,
         student_head_bias,
@@ -842,5 +916,8 @@ def fused_linear_distill_loss(
         chunk_size,
         vocab,
         torch.is_grad_enabled(),
+        sft_weight,
     )
+    if sft_weight is not None:
+        return loss, kd_loss, ce_loss
     return (kd_loss, ce_loss) if labels is not None else kd_loss

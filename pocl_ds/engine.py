@@ -11,6 +11,8 @@ import copy
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,10 @@ from pocl_ds.models import unwrap_model
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Share of the device's free memory that a whole ZeRO-3 model may take for generation; the
+# rest is left to the KV cache, the logits and whatever else runs while it is gathered.
+GATHER_MEMORY_SHARE = 0.5
+_per_layer_logged = False  # the per-layer fallback is logged at INFO once per process
 
 
 def resolve_ds_config_path(path: str) -> Path:
@@ -228,6 +234,128 @@ def gathered_parameters(*params: torch.Tensor | None) -> contextlib.AbstractCont
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def _partitioned_parameters(module: torch.nn.Module) -> tuple[list[torch.nn.Parameter], bool]:
+    """The parameters ZeRO-3 holds as partitions right now (persistent ones are whole), and
+    whether any is in flight (a prefetch that only DeepSpeed's hooks would wait for)."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return [], False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    in_flight = any(p.ds_status == ZeroParamStatus.INFLIGHT for p in params)
+    return [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE], in_flight
+
+
+def _free_memory_budget(device: torch.device) -> int:
+    """Bytes a rank may gather: ``GATHER_MEMORY_SHARE`` of what its device has free.
+
+    A CUDA device counts what torch's caching allocator holds unused as free; CPU ranks on one
+    machine share its memory, so each gets its part of the share.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        sharing = 1
+    else:
+        import psutil  # a DeepSpeed dependency, as is every partitioned model
+
+        free = psutil.virtual_memory().available
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return int(GATHER_MEMORY_SHARE * free / max(sharing, 1))
+
+
+def _fits_on_every_rank(fits: bool, device: torch.device) -> bool:
+    """One verdict for all ranks: the gather is a collective, so one rank short of memory
+    keeps every rank on the per-layer path."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fits
+    flag = torch.tensor([int(fits)], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _is_deepspeed_hook(hook: Any) -> bool:
+    return (getattr(hook, "__module__", None) or "").startswith("deepspeed.")
+
+
+@contextlib.contextmanager
+def _deepspeed_hooks_set_aside(module: torch.nn.Module) -> Iterator[None]:
+    """Take DeepSpeed's forward hooks off every submodule for the block; other hooks stay.
+
+    With the parameters already whole, ZeRO-3's per-module hooks would still cost a fetch and
+    a release per submodule and forward, and the release would partition the parameters the
+    block gathered. DeepSpeed's own ``unwrap_model_for_generation`` removes them too, but it
+    needs the engine and re-registers the hooks (new module ids, a re-recorded trace); this
+    edits the hook tables in place and restores the very same hooks in their order.
+    """
+    saved = []
+    for submodule in module.modules():
+        for table in (submodule._forward_pre_hooks, submodule._forward_hooks):
+            snapshot = dict(table)
+            for key in [k for k, hook in snapshot.items() if _is_deepspeed_hook(hook)]:
+                del table[key]
+            saved.append((table, snapshot))
+    try:
+        yield
+    finally:
+        for table, snapshot in saved:
+            # A hook registered (or removed) inside the block keeps that change.
+            current = dict(table)
+            table.clear()
+            for key, hook in snapshot.items():
+                if key in current or _is_deepspeed_hook(hook):
+                    table[key] = current.get(key, hook)
+            table.update((k, hook) for k, hook in current.items() if k not in table)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(
+    module: torch.nn.Module, *, budget_bytes: int | None = None
+) -> Iterator[bool]:
+    """Make a ZeRO-3-partitioned model whole for the block, if it fits; yields whether it did.
+
+    Collective on a partitioned model: every rank enters it together. The model is gathered
+    when the bytes its partitioned parameters take whole are at most ``budget_bytes`` on every
+    rank (None: ``GATHER_MEMORY_SHARE`` of the free device memory, split among the CPU ranks of
+    one machine; 0: never). Inside the block its forwards are then plain local computations (no
+    collective, so ranks need not run the same number of them) and DeepSpeed's hooks are off;
+    on exit the parameters are partitioned again. Otherwise (or for a model that is not
+    partitioned) the block runs as it is and yields False: ZeRO-3 gathers layer by layer in
+    every forward, a collective. Inference only: nothing may change the parameters inside.
+    """
+    params, in_flight = _partitioned_parameters(module)
+    if not params and not in_flight:
+        yield False
+        return
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().current_device_name())
+    whole_bytes = sum(p.ds_numel * p.element_size() for p in params)
+    budget = _free_memory_budget(device) if budget_bytes is None else budget_bytes
+    if not _fits_on_every_rank(whole_bytes <= budget and not in_flight, device):
+        global _per_layer_logged
+        # Once per process at INFO: on-policy training generates every step.
+        (logger.debug if _per_layer_logged else logger.info)(
+            "generation keeps ZeRO-3's per-layer gathers (slow: every forward gathers every "
+            "layer): the model takes %.1f MB whole against a budget of %.1f MB here (or a "
+            "parameter is in flight, or another rank is short of memory)",
+            whole_bytes / 2**20,
+            budget / 2**20,
+        )
+        _per_layer_logged = True
+        yield False
+        return
+    logger.debug("generation gathers the whole model once (%.1f MB)", whole_bytes / 2**20)
+    with (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=None),
+        _deepspeed_hooks_set_aside(module),
+    ):
+        yield True
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -11,18 +11,22 @@ evaluation. The decoding loop calls the Hugging Face model's ``forward`` itself 
   and draw the same numbers: the outputs are bit-identical.
 - Left padding with position ids taken from the attention mask, so a padded prompt sees the
   positions it would see alone.
-- Under ZeRO-3 every forward is a collective (parameters are gathered layer by layer), so with
-  ``synced_gpus`` every rank runs the same number of forwards: a rank whose rows have all
-  stopped, or that has no batch left, runs one-token dummy forwards until every rank is done.
+- Under ZeRO-3 a model whose full parameters fit in memory is gathered once per call
+  (``engine.gathered_for_generation``): its forwards are then local, and each rank decodes at
+  its own pace. Otherwise every forward is a collective (parameters are gathered layer by
+  layer), so with ``synced_gpus`` every rank runs the same number of forwards: a rank whose
+  rows have all stopped, or that has no batch left, runs one-token dummy forwards until every
+  rank is done.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -30,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pocl_ds import distributed
+from pocl_ds.engine import gathered_for_generation
 from pocl_ds.errors import PoclError
 from pocl_ds.models import unwrap_model
 from pocl_ds.telemetry import progress as progress_bar
@@ -265,6 +270,49 @@ def _token_budgets(
     return budgets
 
 
+def _decode_rounds(
+    decode: Callable[..., tuple[list[list[int]], list[bool]]],
+    prompts: Sequence[Sequence[int]],
+    batches: list[list[int]],
+    seeds: Sequence[int] | None,
+    *,
+    synced: bool,
+    device: torch.device,
+    max_new_tokens: int,
+    total: int | None,
+    limit: int | None,
+    progress: bool,
+    desc: str,
+) -> tuple[list[list[tuple[list[int], bool]]], int]:
+    """``decode`` (``_decode_batch`` with the call's settings bound) over ``batches``; with
+    ``synced``, rounds of empty batches until every rank is done. ``seeds`` is None for greedy
+    decoding. Returns the per-batch results and the number of new tokens."""
+    rounds = _global_max(len(batches), device) if synced else len(batches)
+    results: list[list[tuple[list[int], bool]]] = []
+    no_room = new_tokens = 0
+    bar = progress_bar(total=rounds, desc=desc, unit="batch", disable=not progress)
+    try:
+        for round_index in range(rounds):
+            batch = batches[round_index] if round_index < len(batches) else []
+            rows = [prompts[i] for i in batch]
+            budgets = _token_budgets(batch, rows, max_new_tokens, total=total, limit=limit)
+            no_room += sum(int(max_new_tokens > 0 and budget == 0) for budget in budgets)
+            outputs, ended = decode(
+                rows, [] if seeds is None else [seeds[i] for i in batch], budgets, synced=synced
+            )
+            if batch:
+                results.append(list(zip(outputs, ended, strict=True)))
+            new_tokens += sum(len(tokens) for tokens in outputs)
+            bar.update(1)
+    finally:
+        bar.close()
+    if no_room:
+        logger.warning(
+            "%d prompt(s) already fill the %s-token limit and got no new tokens", no_room, total
+        )
+    return results, new_tokens
+
+
 def _generate_batches(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -280,6 +328,7 @@ def _generate_batches(
     vocab_size: int | None,
     use_cache: bool,
     synced_gpus: bool,
+    gather_budget_bytes: int | None,
     progress: bool,
     desc: str,
 ) -> list[list[tuple[list[int], bool]]]:
@@ -293,54 +342,46 @@ def _generate_batches(
     if not greedy and temperature <= 0:
         raise PoclError(f"sampling temperature must be > 0, got {temperature}; use greedy instead")
     module = unwrap_model(model)
-    adapter = _ForwardAdapter(module)
     device = next(module.parameters()).device
     limit = _max_positions(module)
     caps = [cap for cap in (max_total_length, limit) if cap is not None]
-    total = min(caps) if caps else None
     eos_list = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
-    eos_ids = torch.tensor(eos_list, dtype=torch.long)
-    synced = synced_gpus and distributed.world_size() > 1
-    rounds = _global_max(len(batches), device) if synced else len(batches)
-
-    results: list[list[tuple[list[int], bool]]] = []
-    no_room = new_tokens = 0
+    decode = functools.partial(
+        _decode_batch,
+        _ForwardAdapter(module),
+        pad_id=pad_id,
+        eos_ids=torch.tensor(eos_list, dtype=torch.long),
+        greedy=greedy,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        use_cache=use_cache,
+        device=device,
+    )
     started = time.perf_counter()
     was_training = module.training
     module.eval()
-    bar = progress_bar(total=rounds, desc=desc, unit="batch", disable=not progress)
     try:
-        with torch.no_grad():
-            for round_index in range(rounds):
-                batch = batches[round_index] if round_index < len(batches) else []
-                rows = [prompts[i] for i in batch]
-                budgets = _token_budgets(batch, rows, max_new_tokens, total=total, limit=limit)
-                no_room += sum(int(max_new_tokens > 0 and budget == 0) for budget in budgets)
-                outputs, ended = _decode_batch(
-                    adapter,
-                    rows,
-                    [seeds[i] for i in batch] if not greedy else [],
-                    budgets,
-                    pad_id=pad_id,
-                    eos_ids=eos_ids,
-                    greedy=greedy,
-                    temperature=temperature,
-                    vocab_size=vocab_size,
-                    use_cache=use_cache,
-                    synced=synced,
-                    device=device,
-                )
-                if batch:
-                    results.append(list(zip(outputs, ended, strict=True)))
-                new_tokens += sum(len(tokens) for tokens in outputs)
-                bar.update(1)
+        with (
+            torch.no_grad(),
+            gathered_for_generation(module, budget_bytes=gather_budget_bytes) as whole,
+        ):
+            # A whole model's forwards are no collectives: each rank decodes its own batches
+            # at its own pace, with no dummy forwards and no per-step all-reduce.
+            results, new_tokens = _decode_rounds(
+                decode,
+                prompts,
+                batches,
+                None if greedy else seeds,
+                synced=synced_gpus and not whole and distributed.world_size() > 1,
+                device=device,
+                max_new_tokens=max_new_tokens,
+                total=min(caps) if caps else None,
+                limit=limit,
+                progress=progress,
+                desc=desc,
+            )
     finally:
-        bar.close()
         module.train(was_training)
-    if no_room:
-        logger.warning(
-            "%d prompt(s) already fill the %s-token limit and got no new tokens", no_room, total
-        )
     prompts_done, seconds = sum(map(len, batches)), time.perf_counter() - started
     logger.debug(f"generated {new_tokens} tokens for {prompts_done} prompts in {seconds:.2f}s")
     return results
@@ -380,6 +421,7 @@ def generate(
     vocab_size: int | None = None,
     use_cache: bool = True,
     synced_gpus: bool = False,
+    gather_budget_bytes: int | None = None,
     progress: bool = True,
     desc: str = "generate",
     return_finished: bool = False,
@@ -402,7 +444,13 @@ def generate(
         vocab_size: sample only among the first ``vocab_size`` ids (a padded embedding table's
             extra rows are never produced); None uses every logit.
         use_cache: keep the KV cache (the point); False recomputes the whole prefix each step.
-        synced_gpus: run the same number of forwards as every other rank (needed by ZeRO-3).
+        synced_gpus: run the same number of forwards as every other rank (needed by ZeRO-3's
+            per-layer gathers; unused while the model is gathered whole, see below).
+        gather_budget_bytes: a ZeRO-3-partitioned model is gathered whole once for the call
+            when its full parameters take at most this many bytes on every rank, and layer by
+            layer in every forward otherwise; None: half the free device memory
+            (``engine.gathered_for_generation``), 0: always layer by layer. The outputs are
+            the same either way.
         progress: a tqdm bar over batches on rank 0.
         return_finished: return ``Generations`` (tokens and, per prompt, whether it ended with
             an EOS rather than at its token budget) instead of the tokens alone.
@@ -425,6 +473,7 @@ def generate(
         vocab_size=vocab_size,
         use_cache=use_cache,
         synced_gpus=synced_gpus,
+        gather_budget_bytes=gather_budget_bytes,
         progress=progress,
         desc=desc,
     )
@@ -448,6 +497,7 @@ def distributed_generate(
     vocab_size: int | None = None,
     use_cache: bool = True,
     synced_gpus: bool = False,
+    gather_budget_bytes: int | None = None,
     progress: bool = True,
     desc: str = "generate",
     return_finished: bool = False,
@@ -476,6 +526,7 @@ def distributed_generate(
             vocab_size=vocab_size,
             use_cache=use_cache,
             synced_gpus=synced_gpus,
+            gather_budget_bytes=gather_budget_bytes,
             progress=progress,
             desc=desc,
         )

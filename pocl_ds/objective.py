@@ -137,7 +137,8 @@ class DistillationObjective(torch.nn.Module):
                 return LossTerms(loss=ce, kd=kd.detach(), ce=ce.detach())
             teacher_weight, teacher_bias = teacher_head
             # the teacher's state at t is compared with the student's at t: the same shift
-            kd, ce = fused_linear_distill_loss(
+            # The kernel weighs the terms itself: one gradient, four matmuls (not six).
+            loss, kd, ce = fused_linear_distill_loss(
                 hidden,
                 weight,
                 teacher_hidden[:, :-1],
@@ -148,7 +149,7 @@ class DistillationObjective(torch.nn.Module):
                 beta=self.beta,
                 scale_by_temperature_squared=self.scale_by_temperature_squared,
                 teacher_head_bias=teacher_bias,
+                sft_weight=sft_weight,
                 **common,
             )
-        loss = sft_weight * ce + (1.0 - sft_weight) * kd
-        return LossTerms(loss=loss, kd=kd.detach(), ce=ce.detach())
+        return LossTerms(loss=loss, kd=kd, ce=ce)

@@ -36,6 +36,20 @@ def test_verdicts_name_the_configuration_that_misses_a_target():
     assert all(line.startswith("PASS") for line in bench_train.verdicts(rows[:2]))
 
 
+def test_generation_verdict_compares_zero3_with_zero1_of_the_same_configuration():
+    def gen_row(model: str, zero: str, rate: float) -> dict:
+        return {**_row(model, "fused", 1.0, 1.0, 1.0), "zero": zero,
+                "generate_tokens_per_s": str(rate)}  # fmt: skip
+
+    rows = [gen_row("tiny", "1", 1000.0), gen_row("tiny", "3", 600.0)]
+    line = bench_train.verdicts(rows)[-1]
+    assert line.startswith("PASS ZeRO-3 generation >= 0.5x") and "worst 0.60x" in line
+    rows += [gen_row("small", "1", 400.0), gen_row("small", "3", 100.0), gen_row("big", "3", 1.0)]
+    line = bench_train.verdicts(rows)[-1]
+    assert line.startswith("FAIL") and "1/2 configurations" in line
+    assert line.endswith("failing: small 1 rank(s) fused")
+
+
 def test_case_runner_returns_the_tagged_result_or_why_there_is_none(tmp_path):
     script = tmp_path / "case.py"
     script.write_text(

@@ -365,6 +365,95 @@ def test_labels_give_ce_from_the_same_logits(kind, temperature):
         assert_close(g, w, 1e-4, "grad")
 
 
+def _mixed_case(kind, dtype, *, bias, temperature=2.0):
+    c = make_case(29, 8, 97, dtype=dtype, seed=6)
+    gen = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 97, (29,), generator=gen)
+    labels[3] = IGNORE_INDEX
+    b_s = (torch.randn(97, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
+    args = (c["h_s"], c["w_s"], c["h_t"], c["w_t"], c["mask"])
+    kwargs = dict(
+        kind=kind, temperature=temperature, labels=labels, chunk_size=7, student_head_bias=b_s
+    )
+    params = [t for t in (c["h_s"], c["w_s"], b_s) if t is not None]
+    return args, kwargs, params
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_sft_weight_mixes_in_the_kernel_exactly(kind, alpha, temperature):
+    """The kernel's own α·CE + (1 − α)·KD (one gradient, four matmuls) equals the same mix
+    formed by the caller from the separate terms (six matmuls), to float64 rounding. At τ = 1
+    the CE gradient is formed from the student's exponentials in place (no block of its own)."""
+    bias = kind in ("fkl", "jsd")
+    args, kwargs, params = _mixed_case(kind, torch.float64, bias=bias, temperature=temperature)
+    kd, ce = fused_linear_distill_loss(*args, **kwargs)
+    loss, kd_mixed, ce_mixed = fused_linear_distill_loss(*args, **kwargs, sft_weight=alpha)
+    assert scalar(kd_mixed) == scalar(kd) and scalar(ce_mixed) == scalar(ce)
+    assert not kd_mixed.requires_grad and not ce_mixed.requires_grad and loss.requires_grad
+    want = alpha * ce + (1 - alpha) * kd
+    assert scalar(loss) == pytest.approx(scalar(want), rel=1e-12, abs=1e-15)
+    for g, w in zip(grads_of(loss, *params), grads_of(want, *params), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+
+
+def test_sft_weight_mix_in_bf16_matches_the_separate_terms():
+    args, kwargs, params = _mixed_case("jsd", torch.bfloat16, bias=False)
+    kd, ce = fused_linear_distill_loss(*args, **kwargs)
+    loss, _, _ = fused_linear_distill_loss(*args, **kwargs, sft_weight=0.3)
+    want = 0.3 * ce + 0.7 * kd
+    assert scalar(loss) == pytest.approx(scalar(want), rel=1e-6)
+    for g, w in zip(grads_of(loss, *params), grads_of(want, *params), strict=True):
+        assert g.dtype == torch.bfloat16
+        assert float((g.double() - w.double()).norm() / w.double().norm()) < 1e-2
+
+
+def _matmuls(fn) -> int:
+    """How many N×H×V-shaped matrix products (mm / addmm) `fn` runs, forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (aten.mm, aten.addmm, aten.addmm_, aten.matmul):
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
+def test_sft_weight_takes_four_matmuls_per_chunk_not_six():
+    args, kwargs, params = _mixed_case("fkl", torch.float32, bias=False)
+    chunks = math.ceil(int(args[4].sum()) / kwargs["chunk_size"])
+
+    def separate():
+        kd, ce = fused_linear_distill_loss(*args, **kwargs)
+        grads_of(0.3 * ce + 0.7 * kd, *params)
+
+    def mixed():
+        grads_of(fused_linear_distill_loss(*args, **kwargs, sft_weight=0.3)[0], *params)
+
+    assert _matmuls(separate) == 6 * chunks
+    assert _matmuls(mixed) == 4 * chunks
+
+
+def test_sft_weight_needs_labels_a_teacher_and_a_weight_in_0_1():
+    args, kwargs, _ = _mixed_case("fkl", torch.float32, bias=False)
+    with pytest.raises(PoclError, match=r"sft_weight=1.5 must be in \[0, 1\]"):
+        fused_linear_distill_loss(*args, **kwargs, sft_weight=1.5)
+    with pytest.raises(PoclError, match="pass labels and a teacher"):
+        fused_linear_distill_loss(*args, **{**kwargs, "labels": None}, sft_weight=0.3)
+    h_s, w_s, _, _, mask = args
+    with pytest.raises(PoclError, match="pass labels and a teacher"):
+        fused_linear_distill_loss(h_s, w_s, None, None, mask, **kwargs, sft_weight=0.3)
+
+
 def test_ce_only_without_teacher():
     c = make_case(13, 8, 50)
     labels = torch.randint(0, 50, (13,))

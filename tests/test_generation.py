@@ -352,5 +352,145 @@ def test_two_ranks_give_exactly_the_one_rank_result(tmp_path):
         assert ranked["zero3"] == expected
 
 
+def _zero_engine(stage: int):
+    """The tiny model in a training engine (client AdamW), as the trainer holds the student.
+    Under ZeRO-3 every parameter is partitioned (no persistent small ones), and a layer's
+    are gathered for its forward and released after it (no prefetch, no keeping for reuse)."""
+    import deepspeed
+
+    model = tiny_model()
+    zero = {"stage": stage}
+    if stage == 3:
+        zero.update(
+            stage3_param_persistence_threshold=0,
+            stage3_prefetch_bucket_size=0,
+            stage3_max_reuse_distance=0,
+        )
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+class _WholeWeightProbe:
+    """Per forward of a block: was its weight whole when the forward began? Registered ahead
+    of DeepSpeed's hooks, so their per-layer gather comes after it; a hook of our own, so it
+    must survive the gathered path's setting aside of DeepSpeed's hooks."""
+
+    def __init__(self, engine) -> None:
+        self.weight = engine.module.transformer.h[0].attn.c_attn.weight
+        self.seen: list[bool] = []
+        engine.module.transformer.h[0].register_forward_pre_hook(self._record, prepend=True)
+
+    def _record(self, module, args) -> None:
+        self.seen.append(self.weight.numel() > 0)
+
+    def take(self) -> list[bool]:
+        seen, self.seen = self.seen, []
+        return seen
+
+
+DIST_KWARGS = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=10, batch_size=2, progress=False)
+
+
+def _zero3_runs(engine, probe, own_prompts, **gather) -> dict:
+    """Greedy and sampled outputs over the shared prompt list, greedy outputs of this rank's
+    own prompts (a different number per rank, as on-policy samples are), and per call whether
+    the weights were whole at each forward."""
+    prompts = tiny_prompts(DIST_PROMPTS)
+    runs = {
+        "greedy": distributed_generate(engine, prompts, synced_gpus=True, **gather, **DIST_KWARGS)
+    }
+    runs["greedy_whole"] = probe.take()
+    runs["sampled"] = distributed_generate(
+        engine, prompts, greedy=False, seed=10, synced_gpus=True, **gather, **DIST_KWARGS
+    )
+    probe.take()
+    runs["own"] = generate(engine, own_prompts, synced_gpus=True, **gather, **DIST_KWARGS)
+    runs["own_whole"] = probe.take()
+    return runs
+
+
+def _train_step(engine) -> float:
+    ids = torch.randint(2, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    return float(loss.detach())
+
+
+def _zero3_worker(out_dir: str) -> None:
+    from pocl_ds.distributed import init_distributed
+
+    info = init_distributed()
+    own_prompts = tiny_prompts(11 - 8 * info.rank, seed=20 + info.rank)  # 11 and 3 prompts
+    zero1 = _zero_engine(1)
+    results = {
+        "zero1": _dist_runs(zero1, synced=False),
+        "zero1_own": generate(zero1, own_prompts, **DIST_KWARGS),
+    }
+    zero3 = _zero_engine(3)
+    probe = _WholeWeightProbe(zero3)
+    whole_bytes = sum(p.ds_numel * p.element_size() for p in zero3.module.parameters())
+    budgets = {"default": {}, "exact": whole_bytes, "short": whole_bytes - 1}
+    for name, budget in budgets.items():
+        gather = {} if name == "default" else {"gather_budget_bytes": budget}
+        results[f"zero3_{name}"] = _zero3_runs(zero3, probe, own_prompts, **gather)
+    results["partitioned_after"] = zero3.module.transformer.wte.weight.numel() == 0
+    # DeepSpeed's hooks are back: a training step runs as ZeRO-1's does, and afterwards both
+    # paths still agree on the new weights.
+    results["losses"] = [_train_step(zero1), _train_step(zero3)]
+    probe.take()  # the training forward's
+    prompts = tiny_prompts(DIST_PROMPTS)
+    results["after_step"] = [
+        [
+            distributed_generate(zero3, prompts, synced_gpus=True, **DIST_KWARGS, **gather),
+            probe.take(),
+        ]
+        for gather in ({}, {"gather_budget_bytes": 0})
+    ]
+    Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(results))
+
+
+@pytest.mark.slow
+def test_zero3_gathers_the_model_once_when_it_fits(tmp_path):
+    """ZeRO-1, ZeRO-3 gathered whole and ZeRO-3 layer by layer give the same tokens; the whole
+    model is gathered exactly when its bytes fit the budget, and then no forward waits for
+    the other rank (no dummy forwards)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         __file__, "zero3", str(tmp_path)],
+        env=env, cwd=REPO, timeout=300, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    expected = _dist_runs(tiny_model(), synced=False)
+    for ranked in ranks:
+        assert ranked["zero1"] == expected
+        for name, gathered in (("default", True), ("exact", True), ("short", False)):
+            runs = ranked[f"zero3_{name}"]
+            assert {k: runs[k] for k in expected} == expected, name
+            assert runs["own"] == ranked["zero1_own"], name
+            assert set(runs["greedy_whole"]) == set(runs["own_whole"]) == {gathered}, name
+        assert ranked["partitioned_after"]
+        assert ranked["losses"][1] == pytest.approx(ranked["losses"][0], rel=1e-6)
+        (gathered, whole), (layered, never_whole) = ranked["after_step"]
+        assert gathered == layered and set(whole) == {True} and set(never_whole) == {False}
+    # Rank 1 has 3 own prompts to rank 0's 11: layer by layer it runs as many forwards as
+    # rank 0 (dummies included), gathered whole only its own.
+    layered, gathered = (
+        [len(r[f"zero3_{name}"]["own_whole"]) for r in ranks] for name in ("short", "default")
+    )
+    assert layered[0] == layered[1] > gathered[1] and gathered[0] <= layered[0]
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    if sys.argv[1] == "zero3":
+        _zero3_worker(sys.argv[2])
+    else:
+        _worker(sys.argv[1])

@@ -218,7 +218,10 @@ def test_prediction_within_20_percent_of_measured_step1_peak(tmp_path):
     ]  # fmt: skip
     for spec in cases:
         spec.update(steps=2, ranks=2, device="cpu", seq_len=128)
-        result = bench_scale._launch(spec, timeout=120)
+        # A hang guard, not a speed bound (speed lives in benchmarks): on an idle 2-core machine
+        # the cases take about 57 s (DeepSpeed's shm op compiled on first use) and 20 s, but
+        # the launch is niced and a busy CI machine ran the first past 120 s.
+        result = bench_scale._launch(spec, timeout=600)
         assert result["status"] == "ok", result["status"]
         measured = max(result["step1_peak_rank0_mb"], result["step1_peak_rank1_mb"])
         assert bench_scale.predicted_mb(spec) == pytest.approx(measured, rel=0.20), spec["name"]
