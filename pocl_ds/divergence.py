@@ -188,8 +188,8 @@ def _block_rows(vocab: int, device: torch.device, chunk_rows: int) -> int:
 
 class _Workspace:
     """Scratch [block_rows × V] buffers reused by every block of one kernel call: the student's
-    and the teacher's exponentials, a scratch block and, for a mixed loss, the block's CE
-    gradient (so no [chunk × V] CE buffer is needed)."""
+    and the teacher's exponentials, a scratch block and, with ``ce_block``, one for the block's
+    CE gradient (a mixed loss at τ ≠ 1; so no [chunk × V] CE buffer is needed)."""
 
     def __init__(
         self,
@@ -198,10 +198,10 @@ class _Workspace:
         dtype: torch.dtype,
         device: torch.device,
         *,
-        mixed: bool = False,
+        ce_block: bool = False,
     ) -> None:
         self.rows = rows
-        count = 4 if mixed else 3  # (the 4th only at τ ≠ 1; cheap to keep at the block size)
+        count = 4 if ce_block else 3
         self._buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(count)]
 
     def get(self, rows: int) -> list[Tensor]:
@@ -318,6 +318,13 @@ def _block_divergence_(
     return total, -(1.0 - beta) * q_total.reciprocal()
 
 
+def _label_columns(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(keep [rows] bool, column [rows, 1]): which rows have a label, and where to read it (0
+    for ignored rows, whose terms `keep` zeroes)."""
+    keep = labels != IGNORE_INDEX
+    return keep, torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(1)
+
+
 def _block_cross_entropy_(
     s: Tensor,
     q_exp: Tensor,
@@ -334,8 +341,7 @@ def _block_cross_entropy_(
     At τ = 1 `work` may be None: G' is then q_exp − Z·onehot, left for `_add_ce_grad_` to
     form inside its own pass (q_exp is already softmax(z)'s numerator).
     """
-    keep = labels != IGNORE_INDEX
-    safe = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(1)
+    keep, safe = _label_columns(labels)
     if temperature == 1.0:
         total, log_total = q_total, log_q_total
         if work is None:
@@ -363,8 +369,7 @@ def _add_ce_grad_(
         grad.addcmul_(work, factor * weight)
         return
     grad.addcmul_(q_exp, factor * weight)
-    keep = labels != IGNORE_INDEX
-    safe = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(1)
+    keep, safe = _label_columns(labels)
     grad.scatter_add_(1, safe, keep.unsqueeze(1).to(grad.dtype).mul_(-weight))
 
 
@@ -568,7 +573,11 @@ class _FusedLinearDistill(torch.autograd.Function):
         kd_factor = torch.empty(rows, 1, dtype=dtype, device=device)
         ce_factor = torch.empty(rows, 1, dtype=dtype, device=device)
         workspace = _Workspace(
-            _block_rows(vocab, device, rows), vocab, dtype, device, mixed=mix is not None
+            _block_rows(vocab, device, rows),
+            vocab,
+            dtype,
+            device,
+            ce_block=mix is not None and temperature != 1.0,
         )
         kd_sum = torch.zeros((), dtype=dtype, device=device)
         ce_sum = torch.zeros((), dtype=dtype, device=device)
