@@ -1,7 +1,9 @@
 """Benchmarks; each appends rows to benchmarks/<name>.csv and rewrites benchmarks/<name>.md.
 
     python launch/bench.py kernel      [--quick] ...   fused divergence kernel vs naive, Liger, matmul floor
-    python launch/bench.py train       [--quick] ...   KD step: fused vs naive full-logits, ZeRO 1/2/3, 1-2 ranks
+    python launch/bench.py train       [--quick] ...   KD step: fused vs naive full-logits, ZeRO 1/2/3, 1-2 ranks;
+                                                      then the step with and without the teacher cache
+    python launch/bench.py peers       [--quick] ...   the KD step with TRL's, Liger's, torchtune's or pocl_ds's loss
     python launch/bench.py generation  [--quick] ...   generation tokens/s vs batch size, KV cache on/off
     python launch/bench.py difficulty  [--quick] ...   difficulty scoring samples/s on 1 and 2 ranks
     python launch/bench.py scale       [--cases ...]   real-size pairs on 2 ranks, plan vs measured
@@ -21,7 +23,7 @@ sys.path.insert(0, str(HERE))
 
 from pocl_ds.cli import run_main  # noqa: E402
 
-BENCHMARKS = ("kernel", "train", "generation", "difficulty", "scale")
+BENCHMARKS = ("kernel", "train", "peers", "generation", "difficulty", "scale")
 
 
 def main() -> int:

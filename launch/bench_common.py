@@ -14,6 +14,7 @@ leak into the next; the case reports its numbers as one tagged JSON line on stdo
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
@@ -95,6 +96,54 @@ def append_rows(
             writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def latest_run(csv_path: Path) -> list[dict]:
+    """The rows of the CSV's most recent run (they share its timestamp)."""
+    with Path(csv_path).open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise PoclError(f"{csv_path} has no rows; run the benchmark first")
+    return [r for r in rows if r["timestamp"] == rows[-1]["timestamp"]]
+
+
+def publish_latest(name: str, directory: str | Path, markdown: Callable[[list[dict]], str]) -> str:
+    """The table of the latest run in ``<directory>/<name>.csv``: written to ``<name>.md``,
+    printed and returned."""
+    table = markdown(latest_run(existing_csv(Path(directory) / f"{name}.csv")))
+    write_table(name, table, directory)
+    print(table, flush=True)
+    return table
+
+
+def add_driver_options(parser: Any, *, timeout: float = 900) -> None:
+    """The options ``run_benchmark`` reads: seconds per case, where the CSV and table go,
+    table only, and the internal one-case switch."""
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per case")
+    parser.add_argument("--output-dir", default=str(BENCH_DIR))
+    parser.add_argument("--report", action="store_true", help="only rewrite the table")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, as JSON
+
+
+def run_benchmark(
+    argv: list[str] | None,
+    *,
+    name: str,
+    parse_args: Callable[[list[str] | None], Any],
+    run_case: Callable[[dict], Mapping[str, Any] | None],
+    run_cases: Callable[[Any, Path], None],
+    markdown: Callable[[list[dict]], str],
+) -> int:
+    """The driver of a benchmark whose cases each run in a fresh process: ``--case`` runs one
+    case (in that process); otherwise the cases run (unless ``--report``) and the latest run's
+    table of ``<output_dir>/<name>.csv`` is published."""
+    args = parse_args(argv)
+    if args.case:
+        return run_requested_case(args.case, run_case)
+    if not args.report:
+        run_cases(args, Path(args.output_dir))
+    publish_latest(name, args.output_dir, markdown)
+    return 0
 
 
 def write_table(name: str, table: str, directory: str | Path = BENCH_DIR) -> Path:

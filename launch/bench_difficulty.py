@@ -1,6 +1,6 @@
 """Difficulty-scoring rate (samples/s) on 1 and k ranks: does the wall time fall like 1/k?
 
-    python launch/bench_difficulty.py [--num-samples 256] [--world-sizes 1 2] [--repeats 3]
+    python launch/bench_difficulty.py [--num-samples 512] [--world-sizes 1 2] [--repeats 3]
     python launch/bench.py difficulty ...   (the same, through the benchmark dispatcher)
 
 A tiny randomly initialised GPT-2 scores N synthetic graded tasks (teacher-forced CE plus a
@@ -8,7 +8,9 @@ greedy output of up to ``--max-new-tokens`` tokens scored by ROUGE-L), exactly a
 before training. For each world size this script starts ``torchrun --standalone`` with that
 many CPU ranks (gloo, one thread each, so k ranks use k cores); rank 0 times
 ``measure_difficulty`` between barriers, ``--repeats`` times after one warm-up, and the median
-counts. Rows are appended to benchmarks/difficulty.csv; the table of this run is printed and
+counts. With more than one rank it runs twice: ranks claiming batches as they free up
+(``balanced``, the default everywhere) and the static round-robin share (``round robin``), so
+the gain of balancing is measured side by side. Target: balanced 2 ranks >= 1.8x one rank. Rows are appended to benchmarks/difficulty.csv; the table of this run is printed and
 written to benchmarks/difficulty.md.
 """
 
@@ -43,6 +45,7 @@ FIELDS = [
     "batch_size",
     "max_new_tokens",
     "world_size",
+    "schedule",
     "threads_per_rank",
     "repeats",
     "median_s",
@@ -50,13 +53,15 @@ FIELDS = [
     "speedup",
     "efficiency",
 ]
+SCHEDULES = ("balanced", "round robin")  # score_and_gather(balance=True / False)
+TARGET = 1.8  # 2 ranks' speed-up over 1 with the balanced schedule
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -65,6 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--schedule", default="balanced", choices=SCHEDULES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.world_sizes) < 1 or args.num_samples < 1 or args.repeats < 1:
         raise PoclError("--world-sizes, --num-samples and --repeats must be >= 1")
@@ -146,6 +152,7 @@ def _worker(args: argparse.Namespace) -> int:
             eos_id=tokenizer.eos_token_id,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
+            balance=args.schedule == "balanced",
         )
         dist.barrier()
         times.append(time.perf_counter() - start)
@@ -164,15 +171,27 @@ def _markdown(rows: list[dict]) -> str:
         f"thread per rank, torch {first['torch']}, commit {first['commit']}; median of "
         f"{first['repeats']}.",
         "",
-        "| ranks | time (s) | samples/s | speedup | efficiency (speedup / ranks) |",
-        "|---:|---:|---:|---:|---:|",
+        "| ranks | schedule | time (s) | samples/s | speedup | efficiency (speedup / ranks) |",
+        "|---:|:---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['world_size']} | {r['median_s']:.3f} | {r['samples_per_s']:.1f} "
-            f"| {r['speedup']:.2f} | {r['efficiency']:.2f} |"
+            f"| {r['world_size']} | {r['schedule']} | {r['median_s']:.3f} "
+            f"| {r['samples_per_s']:.1f} | {r['speedup']:.2f} | {r['efficiency']:.2f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(["", *lines, "", *verdicts(rows)]).lstrip() + "\n"
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """PASS/FAIL: the balanced schedule on 2 ranks >= TARGET x one rank."""
+    two = [r for r in rows if r["world_size"] == 2 and r["schedule"] == "balanced"]
+    if not two:
+        return []
+    speedup = float(two[0]["speedup"])
+    return [
+        f"{'PASS' if speedup >= TARGET else 'FAIL'} difficulty scoring on 2 ranks: "
+        f"{speedup:.2f}x one rank (balanced schedule; target >= {TARGET:g}x)"
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
         }
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        for world in args.world_sizes:
+        runs = [(w, s) for w in args.world_sizes for s in (SCHEDULES if w > 1 else SCHEDULES[:1])]
+        for world, schedule in runs:
             command = [
                 sys.executable,
                 "-m",
@@ -211,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.batch_size),
                 "--max-new-tokens",
                 str(args.max_new_tokens),
+                "--schedule",
+                schedule,
             ]
             done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
             if done.returncode != 0:
@@ -220,11 +242,14 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     **shared,
                     "world_size": world,
+                    "schedule": schedule,
                     "median_s": round(median, 4),
                     "samples_per_s": round(sizes["num_samples"] / median, 2),
                 }
             )
-            sys.stderr.write(f"{world} rank(s): {rows[-1]['samples_per_s']} samples/s\n")
+            sys.stderr.write(
+                f"{world} rank(s), {schedule}: {rows[-1]['samples_per_s']} samples/s\n"
+            )
     base = next((r for r in rows if r["world_size"] == 1), rows[0])
     for r in rows:
         r["speedup"] = round(base["median_s"] / r["median_s"], 3)

@@ -35,6 +35,9 @@ ZeRO-3 each call gathers the student whole once when it fits, as a training run'
 does. Where ZeRO-1 and ZeRO-3 both ran, a PASS/FAIL line compares their generate rates
 (target: ZeRO-3 >= 0.5x ZeRO-1).
 
+Then the teacher-cache case runs (``launch/bench_teacher_cache.py``: the step after the first
+epoch with and without ``distill.teacher_cache``, its own table; ``--no-cache-case`` skips it).
+
 Peak memory per rank: the rise of resident memory (VmHWM, reset through
 /proc/self/clear_refs) over the resident memory once models, engine, teacher, trainer and
 samples are built, across the training steps (not the generation); glibc is told to map every
@@ -48,7 +51,6 @@ written to benchmarks/train.md, and benchmarks/train.png is drawn from the same 
 """
 
 import argparse
-import csv
 import functools
 import gc
 import statistics
@@ -64,6 +66,7 @@ sys.path.insert(0, str(REPO / "launch"))
 from bench_common import (  # noqa: E402
     append_rows,
     existing_csv,
+    latest_run,
     provenance,
     reset_peak_rss,
     rss_mb,
@@ -113,6 +116,11 @@ def _describe(shape: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- one case
+
+
+# impl name -> a function returning the objective class (same call signature as
+# DistillationObjective) that wraps the student; "fused" is pocl_ds's own, "naive" the default.
+OBJECTIVES = {}
 
 
 def _naive_objective_class():
@@ -210,7 +218,7 @@ def _config(spec: dict, output_dir: str):
     """The benchmark's settings as the recipe a training run would read them from."""
     from pocl_ds.config import from_dict
 
-    pair = PAIRS[spec["model"]]
+    pair = spec.get("pair") or PAIRS[spec["model"]]  # a case may bring its own (cache bench)
     # Dropout off: the two modules then compute the same loss on the same weights.
     no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     inline = {"family": "gpt2", "max_positions": spec["seq"] + 64, **no_dropout}
@@ -227,10 +235,12 @@ def _config(spec: dict, output_dir: str):
             },
             "distill": {
                 "method": "kd",
-                "divergence": KIND,
-                "temperature": TEMPERATURE,
-                "sft_weight": SFT_WEIGHT,
+                "divergence": spec.get("kind", KIND),
+                "temperature": spec.get("temperature", TEMPERATURE),
+                "sft_weight": spec.get("sft_weight", SFT_WEIGHT),
                 "chunk_size": spec["chunk_size"],
+                "teacher_cache": spec.get("teacher_cache", "none"),
+                "teacher_cache_dtype": spec.get("teacher_cache_dtype", "teacher"),
             },
             "train": {
                 "output_dir": output_dir,
@@ -260,7 +270,7 @@ def _random_samples(spec: dict, count: int, seed: int) -> list:
 
     gen = torch.Generator().manual_seed(seed)
     prompt = int(spec["seq"] * spec["prompt_fraction"])
-    rows = torch.randint(0, VOCAB, (count, spec["seq"]), generator=gen).tolist()
+    rows = torch.randint(0, spec.get("vocab", VOCAB), (count, spec["seq"]), generator=gen).tolist()
     return [
         TokenizedSample(
             index=i, prompt_ids=tuple(row[:prompt]), response_ids=tuple(row[prompt:]), references=()
@@ -277,7 +287,9 @@ def _student_engine(spec: dict, config, method, world: int) -> tuple:
     from pocl_ds.objective import DistillationObjective
 
     m, d, t = config.model, config.distill, config.train
-    student = load_causal_lm(inline_config=m.student_config, vocab_size=VOCAB, seed=t.seed)
+    student = load_causal_lm(
+        inline_config=m.student_config, vocab_size=spec.get("vocab", VOCAB), seed=t.seed
+    )
     ds_config = build_ds_config(
         t.ds_config,
         micro_batch_size=t.micro_batch_size,
@@ -293,10 +305,10 @@ def _student_engine(spec: dict, config, method, world: int) -> tuple:
             beta=d.beta,
             scale_by_temperature_squared=d.scale_by_temperature_squared,
             chunk_size=d.chunk_size,
-            vocab_size=VOCAB,
+            vocab_size=spec.get("vocab", VOCAB),
         )
-    else:
-        module = _naive_objective_class()(student)
+    else:  # the naive reference, or a module another benchmark registered (bench_peers)
+        module = OBJECTIVES.get(spec["impl"], _naive_objective_class)()(student)
     engine = create_student_engine(module, ds_config, lr=t.lr, weight_decay=t.weight_decay)
     engine.module.train()
     return engine, zero_stage(ds_config) == 3
@@ -315,17 +327,17 @@ def _build_run(spec: dict, output_dir: str):
     from pocl_ds.engine import create_teacher
     from pocl_ds.methods import method_spec
     from pocl_ds.models import load_causal_lm
-    from pocl_ds.recipe import DTYPES, PreparedData, Run
+    from pocl_ds.recipe import DTYPES, PreparedData, Run, teacher_cache_for
     from pocl_ds.sampler import StageSampler
 
     config = _config(spec, output_dir)
     m, d, t = config.model, config.distill, config.train
     method = method_spec(d.method)
-    world = distributed.world_size()
+    world, vocab = distributed.world_size(), spec.get("vocab", VOCAB)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as build_run's
     engine, zero3 = _student_engine(spec, config, method, world)
     teacher = create_teacher(
-        load_causal_lm(inline_config=m.teacher_config, vocab_size=VOCAB, seed=t.seed + 1),
+        load_causal_lm(inline_config=m.teacher_config, vocab_size=vocab, seed=t.seed + 1),
         partition=m.teacher_partition,
         dtype=DTYPES[m.teacher_dtype],
         micro_batch_size=t.micro_batch_size,
@@ -350,7 +362,7 @@ def _build_run(spec: dict, output_dir: str):
         accumulation_steps=t.gradient_accumulation_steps,
     )
     # GPT-2's ids: eos 50256; no sample is padded (all have the same length).
-    tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=VOCAB - 1)
+    tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=vocab - 1)
     return Run(
         config=config,
         method=method,
@@ -359,6 +371,7 @@ def _build_run(spec: dict, output_dir: str):
         samples_by_index={s.index: s for s in samples},
         engine=engine,
         teacher=teacher,
+        teacher_cache=teacher_cache_for(config, teacher, f"random ids ({vocab})"),
         curation=CurationPolicy(
             on_policy=method.on_policy,
             on_policy_prob=d.on_policy_prob,
@@ -367,14 +380,14 @@ def _build_run(spec: dict, output_dir: str):
             max_new_tokens=d.generation_max_new_tokens,
             pad_id=tokenizer.pad_token_id,
             eos_id=tokenizer.eos_token_id,
-            vocab_size=VOCAB,
+            vocab_size=vocab,
         ),
         controller=CurriculumController(plans, steps_per_epoch=[len(sampler)]),
         samplers=[sampler],
         difficulty=None,
         zero3=zero3,
         device=device,
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         seqkd_truncated=0,
         eval_suites={},
         timings={},
@@ -413,7 +426,9 @@ def _timed_steps(trainer, timer: PhaseTimer) -> tuple[list[list[float]], list[fl
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         started = time.perf_counter()
-        result = trainer.train_step(plan, micro_batches)
+        # as the run loop does: the global batch's target count from every rank's share
+        targets = run.target_tokens(sampler.global_batch(sampler.steps_done - 1))
+        result = trainer.train_step(plan, micro_batches, global_targets=targets)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         step_s = time.perf_counter() - started
@@ -435,7 +450,7 @@ def run_case(spec: dict) -> dict | None:
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as output_dir:
         trainer = Trainer(_build_run(spec, output_dir))
-        engine, teacher = trainer.engine, trainer.teacher
+        engine, teacher = trainer.engine, trainer.run_parts.teacher
         timer = PhaseTimer(PHASES[:-1])
         timer.instrument(teacher.base_model, "forward", "teacher_fwd_s")
         timer.instrument(engine, "forward", "student_fwd_s")
@@ -459,7 +474,9 @@ def run_case(spec: dict) -> dict | None:
         peak, baseline = _max_over_ranks([peak, baseline])
 
         gen = torch.Generator().manual_seed(2000 + info.rank)
-        prompts = torch.randint(0, VOCAB, (spec["batch"], PROMPT_TOKENS), generator=gen).tolist()
+        prompts = torch.randint(
+            0, spec.get("vocab", VOCAB), (spec["batch"], PROMPT_TOKENS), generator=gen
+        ).tolist()
         generate_times = []
         for _ in range(GENERATE_REPEATS):
             distributed.barrier()
@@ -529,6 +546,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--report", action="store_true", help="only redraw train.md and train.png from the CSV"
     )
+    parser.add_argument(
+        "--no-cache-case",
+        action="store_true",
+        help="skip the teacher-cache case (launch/bench_teacher_cache.py) run after the table",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, JSON
     args = parser.parse_args(argv)
     if args.quick:
@@ -559,15 +581,6 @@ def _cases(args: argparse.Namespace) -> list[dict]:
                     case = dict(model=model, impl=impl, zero=zero, ranks=ranks)
                     cases.append({**case, **sizes, **shared})
     return cases
-
-
-def latest_run(csv_path: Path) -> list[dict]:
-    """The rows of the CSV's most recent run (they share its timestamp)."""
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise PoclError(f"{csv_path} has no rows; run the benchmark first")
-    return [r for r in rows if r["timestamp"] == rows[-1]["timestamp"]]
 
 
 def _config_key(row: dict) -> tuple[str, str, str]:
@@ -811,6 +824,11 @@ def main(argv: list[str] | None = None) -> int:
         write_table("train", markdown(latest_run(csv_path)), output)
     print(_report(csv_path), flush=True)
     sys.stderr.write(f"{len(cases)} cases in {time.perf_counter() - run_started:.0f}s\n")
+    if not args.no_cache_case:  # the step with and without the teacher cache, its own table
+        import bench_teacher_cache
+
+        quick = ["--quick"] if args.quick else []
+        return bench_teacher_cache.main([*quick, "--output-dir", str(output)])
     return 0
 
 

@@ -123,6 +123,14 @@ class DistillConfig:
     )
     chunk_size: int = _field(1024, "tokens per chunk of the fused divergence kernel", low=1)
     generation_max_new_tokens: int = _field(64, "seqkd/gkd: longest generated response", low=1)
+    teacher_cache: Literal["none", "memory", "disk"] = _field(
+        "none",
+        "kd: keep each sample's teacher hidden states after its first forward (exact offline "
+        "KD); memory: on the host of every rank; disk: <output_dir>/teacher_cache/",
+    )
+    teacher_cache_dtype: Literal["teacher", "fp32", "bf16", "fp16"] = _field(
+        "teacher", "dtype of cached hidden states: the teacher's own (exact), or half of fp32"
+    )
 
 
 @dataclass(frozen=True)
@@ -396,6 +404,18 @@ def _check_consistency(config: ExperimentConfig) -> None:
             f"model.teacher: missing; distill.method={config.distill.method} needs a teacher"
         )
     _check_sft_weights(config)
+    spec = method_spec(config.distill.method)
+    if config.distill.teacher_cache != "none" and (spec.teacher != "train" or spec.on_policy):
+        raise PoclError(
+            f"distill.teacher_cache: {config.distill.teacher_cache} keeps the teacher's states of "
+            f"dataset samples, but distill.method={spec.name} "
+            + (
+                "trains on fresh student samples"
+                if spec.on_policy
+                else "runs no teacher in its loss"
+            )
+            + "; set it to none or use method kd"
+        )
     if method_spec(config.distill.method).loss_on_prompt and config.curriculum.strategy != "none":
         raise PoclError(
             f"curriculum.strategy: {config.curriculum.strategy} needs prompts to rank, but "

@@ -528,6 +528,14 @@ def collate_for_training(
     }
 
 
+def target_count(sample: TokenizedSample, *, loss_on_prompt: bool = False) -> int:
+    """The sample's target tokens in ``collate_for_training``'s labels after the next-token
+    shift: its response (every token after the first with ``loss_on_prompt``)."""
+    length = len(sample.prompt_ids) + len(sample.response_ids)
+    first = 0 if loss_on_prompt else len(sample.prompt_ids)
+    return length - max(first, 1)
+
+
 def collate_for_generation(
     prompt_ids: Sequence[Sequence[int]], pad_id: int
 ) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -353,6 +353,46 @@ def _cross_entropy_batch(
     return per_sample.cpu().tolist()
 
 
+def _cross_entropy_scores(
+    module: torch.nn.Module,
+    samples: Sequence[TokenizedSample],
+    batches: list[list[int]],
+    pad_id: int,
+    synced_gpus: bool,
+    balance: bool,
+) -> list[float]:
+    """Teacher-forced CE of every sample (aligned with ``samples``), over the ranks."""
+    world = distributed.world_size()
+
+    def cross_entropy_share(share: Iterable[list[int]]) -> list[list[float]]:
+        values = []
+        bar = progress(total=len(batches), desc="difficulty: cross-entropy", unit="batch")
+        if not synced_gpus:  # a static share, or batches claimed as the rank frees up
+            for batch in share:
+                values.append(_cross_entropy_batch(module, [samples[p] for p in batch], pad_id))
+                bar.update(1)
+            bar.close()
+            return values
+        share = list(share)  # ZeRO-3: equal rounds on every rank, each forward collective
+        for step in range(math.ceil(len(batches) / world)):
+            if step < len(share):
+                values.append(
+                    _cross_entropy_batch(module, [samples[p] for p in share[step]], pad_id)
+                )
+            else:
+                _cross_entropy_batch(module, [samples[p] for p in batches[0]], pad_id)
+            bar.update(min(world, len(batches) - step * world))
+        bar.close()
+        return values
+
+    per_batch = distributed.score_and_gather(batches, cross_entropy_share, balance=balance)
+    ce = [0.0] * len(samples)
+    for positions, values in zip(batches, per_batch, strict=True):
+        for p, value in zip(positions, values, strict=True):
+            ce[p] = value
+    return ce
+
+
 def score_samples(
     model: torch.nn.Module,
     samples: Sequence[TokenizedSample],
@@ -364,40 +404,24 @@ def score_samples(
     max_new_tokens: int,
     max_total_length: int | None = None,
     synced_gpus: bool = False,
+    balance: bool = True,
 ) -> tuple[list[float], list[float]]:
     """(ce, rouge_l) of every sample, aligned with ``samples``, on every rank.
 
     Collective: every rank calls it with the same samples and scores its round-robin share of
     the globally formed batches (``distributed.score_and_gather``). ``synced_gpus`` (ZeRO-3)
     makes ranks with fewer batches run throw-away forwards so each rank joins every parameter
-    gather. Greedy outputs never contain ids past ``len(tokenizer)``.
+    gather. Without it, and with ``balance``, ranks claim batches as they free up: greedy
+    outputs end at different lengths, so equal counts of batches are unequal work. Greedy
+    outputs never contain ids past ``len(tokenizer)``.
     """
     module = unwrap_model(model)
     was_training = module.training
     module.eval()
     try:
         batches = _global_batches(samples, batch_size)
-        world = distributed.world_size()
-
-        def cross_entropy_share(share: list[list[int]]) -> list[list[float]]:
-            values = []
-            bar = progress(total=len(batches), desc="difficulty: cross-entropy", unit="batch")
-            for step in range(math.ceil(len(batches) / world)):
-                if step < len(share):
-                    values.append(
-                        _cross_entropy_batch(module, [samples[p] for p in share[step]], pad_id)
-                    )
-                elif synced_gpus:
-                    _cross_entropy_batch(module, [samples[p] for p in batches[0]], pad_id)
-                bar.update(min(world, len(batches) - step * world))
-            bar.close()
-            return values
-
-        per_batch = distributed.score_and_gather(batches, cross_entropy_share)
-        ce = [0.0] * len(samples)
-        for positions, values in zip(batches, per_batch, strict=True):
-            for p, value in zip(positions, values, strict=True):
-                ce[p] = value
+        dynamic = balance and not synced_gpus
+        ce = _cross_entropy_scores(module, samples, batches, pad_id, synced_gpus, dynamic)
 
         outputs = distributed_generate(
             model,
@@ -410,6 +434,7 @@ def score_samples(
             greedy=True,
             vocab_size=len(tokenizer),
             synced_gpus=synced_gpus,
+            balance=dynamic,
             desc="difficulty: greedy outputs",
         )
         rouge = distributed.score_and_gather(
@@ -444,6 +469,7 @@ def measure_difficulty(
     cache_path: str | os.PathLike | None = None,
     cache_key: Mapping[str, Any] | None = None,
     synced_gpus: bool = False,
+    balance: bool = True,
 ) -> DifficultyResult:
     """Score, rank and partition the training samples with the student before distillation.
 
@@ -453,6 +479,7 @@ def measure_difficulty(
     weights, the samples, the scoring settings and the caller's JSON-able ``cache_key`` — matches
     the sidecar's, and recomputed otherwise; the ordering settings (``rank_by``, ``order``,
     ``num_subsets``, ``seed``, ``rrf_k``) only re-sort cached scores. Rank 0 writes the files.
+    ``balance``: see ``score_samples`` (False: the static round-robin share, for comparison).
     """
     sample_ids = [s.index for s in samples]
     if len(set(sample_ids)) != len(sample_ids):
@@ -487,7 +514,7 @@ def measure_difficulty(
         ce, rouge = cached
     else:
         ce, rouge = score_samples(
-            model, samples, tokenizer=tokenizer, synced_gpus=synced_gpus, **scoring
+            model, samples, tokenizer=tokenizer, synced_gpus=synced_gpus, balance=balance, **scoring
         )
     result = build_result(
         sample_ids,

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -192,18 +192,67 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+_queues_opened = 0  # the same count on every rank: each queue's key in the store
+
+
+def claim_indices(count: int) -> Iterator[int]:
+    """0 … count − 1, each handed to exactly one rank: whichever asks for the next one first.
+
+    Collective: every rank opens the same queues in the same order (the key of a queue is its
+    number). Ranks take items through the process group's key-value store (one small request
+    per item), so a rank whose items run long takes fewer: the work balances by time, not by
+    count. One rank: 0 … count − 1 in order.
+    """
+    global _queues_opened
+    _queues_opened += 1
+    if world_size() == 1:
+        return iter(range(count))
+    store = dist.distributed_c10d._get_default_store()
+    key = f"pocl_ds/queue/{_queues_opened}"
+
+    def claims() -> Iterator[int]:
+        while (index := store.add(key, 1) - 1) < count:
+            yield index
+
+    return claims()
+
+
 def score_and_gather(
-    items: Sequence[Item], score_share: Callable[[list[Item]], Sequence[Result]]
+    items: Sequence[Item],
+    score_share: Callable[[Iterable[Item]], Sequence[Result]],
+    *,
+    balance: bool = False,
 ) -> list[Result]:
     """Each rank scores its share of ``items``; every rank returns all results in item order.
 
     Collective: every rank passes the same ``items``. Rank r gets items r, r + world,
-    r + 2·world, ... (round robin, so a list sorted by cost spreads the costly items evenly)
-    and ``score_share`` returns one picklable result per item of that share, which may be
-    empty. A result depends only on its item, never on the number of ranks, so one rank and
-    many give the same list.
+    r + 2·world, ... (round robin, so a list sorted by cost spreads the costly items evenly);
+    with ``balance`` a rank takes the next unclaimed item whenever it is free
+    (``claim_indices``), for items whose cost is unknown in advance (generation), as long as
+    ``score_share`` needs no step-by-step agreement between ranks. ``score_share`` gets the
+    share (a list, or an iterator with ``balance``) and returns one picklable result per item,
+    in order, possibly none. A result depends only on its item, never on the number of ranks or
+    on who scored it, so one rank and many give the same list.
     """
     world, me = world_size(), rank()
+    if balance and world > 1:
+        claims, claimed = claim_indices(len(items)), []
+
+        def share_items() -> Iterator[Item]:
+            for index in claims:
+                claimed.append(index)
+                yield items[index]
+
+        results = list(score_share(share_items()))
+        if len(results) != len(claimed):
+            raise ValueError(
+                f"score_share returned {len(results)} results for {len(claimed)} items"
+            )
+        merged: list[Any] = [None] * len(items)
+        for indices, part in all_gather_objects((claimed, results)):
+            for index, result in zip(indices, part, strict=True):
+                merged[index] = result
+        return merged
     share = list(items[me::world])
     results = list(score_share(share))
     if len(results) != len(share):
@@ -227,6 +276,19 @@ def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
     out: list[Any] | None = [None] * world_size() if rank() == dst else None
     dist.gather_object(obj, out, dst=dst)
     return out
+
+
+def all_reduce_sums(values: torch.Tensor) -> list[float]:
+    """Sum a vector over ranks in one collective; the sums as Python floats (one host read).
+
+    ``values`` may live on the device (the trainer's loss sums): it is reduced in float64 there.
+    """
+    vector = values.detach().to(torch.float64).reshape(-1)
+    if world_size() > 1:
+        if torch.cuda.is_available():
+            vector = vector.cuda()
+        dist.all_reduce(vector)
+    return vector.tolist()
 
 
 def all_reduce_sum(value: float | int) -> float:

@@ -163,14 +163,37 @@ def _flat_rows(x: Tensor, name: str) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _valid_index(response_mask: Tensor, num_rows: int) -> Tensor:
-    mask = response_mask.reshape(-1)
+def _valid_rows(
+    response_mask: Tensor, num_rows: int, labels: Tensor | None = None, vocab: int = 0
+) -> tuple[Tensor, Tensor | None]:
+    """The indices of the rows that count, and their labels (None without labels).
+
+    The chunk loop needs the number of valid rows on the host; that count and the number of
+    bad labels come back in one read, the call's only synchronisation with the device."""
+    mask = response_mask.reshape(-1) != 0
     if mask.numel() != num_rows:
         raise PoclError(
             f"`response_mask` has {mask.numel()} positions but the inputs have {num_rows} tokens; "
             "pass a mask of the inputs' leading shape"
         )
-    return mask.nonzero().reshape(-1)
+    if labels is None:
+        count = int(mask.sum())
+        return torch.nonzero_static(mask, size=count).reshape(-1), None
+    flat_labels = labels.reshape(-1)
+    if flat_labels.numel() != num_rows:
+        raise PoclError(
+            f"labels has {flat_labels.numel()} positions, the hidden states {num_rows}; "
+            "pass labels aligned with the hidden states"
+        )
+    outside = ((flat_labels < 0) & (flat_labels != IGNORE_INDEX)) | (flat_labels >= vocab)
+    count, bad = torch.stack([mask.sum(), (mask & outside).sum()]).tolist()
+    if bad:
+        raise PoclError(
+            f"labels hold ids outside [0, {vocab}) at response positions; every label "
+            f"must be a token of the compared vocabulary (or IGNORE_INDEX={IGNORE_INDEX})"
+        )
+    valid_index = torch.nonzero_static(mask, size=count).reshape(-1)
+    return valid_index, flat_labels.index_select(0, valid_index)
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -782,7 +805,7 @@ def distill_loss(
             "both must come from the same batch"
         )
     vocab = _compared_vocab(vocab_size, student.shape[1], teacher.shape[1])
-    valid_index = _valid_index(response_mask, student.shape[0])
+    valid_index, _ = _valid_rows(response_mask, student.shape[0])
     divisor = _divisor(num_valid_tokens, valid_index.numel())
     return _DistillLogits.apply(
         student,
@@ -891,25 +914,10 @@ def fused_linear_distill_loss(
                 f"{name}_hidden is {hidden.dtype} but {name}_head_weight is {weight.dtype}; "
                 "run each model's head in its own dtype"
             )
-    valid_index = _valid_index(response_mask, student.shape[0])
-    divisor = _divisor(num_valid_tokens, valid_index.numel())
     widths = [w.shape[0] for w in (student_head_weight, teacher_head_weight) if w is not None]
     vocab = _compared_vocab(vocab_size, *widths)
-    valid_labels = None
-    if labels is not None:
-        flat_labels = labels.reshape(-1)
-        if flat_labels.numel() != student.shape[0]:
-            raise PoclError(
-                f"labels has {flat_labels.numel()} positions, the hidden states "
-                f"{student.shape[0]}; pass labels aligned with the hidden states"
-            )
-        valid_labels = flat_labels.index_select(0, valid_index)
-        bad = ((valid_labels < 0) & (valid_labels != IGNORE_INDEX)) | (valid_labels >= vocab)
-        if bool(bad.any()):
-            raise PoclError(
-                f"labels hold ids outside [0, {vocab}) at response positions; every label "
-                f"must be a token of the compared vocabulary (or IGNORE_INDEX={IGNORE_INDEX})"
-            )
+    valid_index, valid_labels = _valid_rows(response_mask, student.shape[0], labels, vocab)
+    divisor = _divisor(num_valid_tokens, valid_index.numel())
     kd_loss, ce_loss, loss = _FusedLinearDistill.apply(
         student.index_select(0, valid_index),
         student_head_weight,

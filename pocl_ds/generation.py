@@ -26,7 +26,7 @@ import hashlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -273,7 +273,7 @@ def _token_budgets(
 def _decode_rounds(
     decode: Callable[..., tuple[list[list[int]], list[bool]]],
     prompts: Sequence[Sequence[int]],
-    batches: list[list[int]],
+    batches: Iterable[list[int]],
     seeds: Sequence[int] | None,
     *,
     synced: bool,
@@ -284,16 +284,23 @@ def _decode_rounds(
     progress: bool,
     desc: str,
 ) -> tuple[list[list[tuple[list[int], bool]]], int]:
-    """``decode`` (``_decode_batch`` with the call's settings bound) over ``batches``; with
-    ``synced``, rounds of empty batches until every rank is done. ``seeds`` is None for greedy
-    decoding. Returns the per-batch results and the number of new tokens."""
-    rounds = _global_max(len(batches), device) if synced else len(batches)
+    """``decode`` (``_decode_batch`` with the call's settings bound) over ``batches`` (a list,
+    or an iterator of batches claimed one at a time); with ``synced``, rounds of empty batches
+    until every rank is done. ``seeds`` is None for greedy decoding. Returns the per-batch
+    results and the number of new tokens."""
+    if synced:  # every rank runs the same number of rounds: the forwards are collective
+        batches = list(batches)
+        rounds = _global_max(len(batches), device)
+        schedule: Iterable[list[int]] = (
+            batches[r] if r < len(batches) else [] for r in range(rounds)
+        )
+    else:
+        rounds, schedule = len(batches) if isinstance(batches, list) else None, batches
     results: list[list[tuple[list[int], bool]]] = []
     no_room = new_tokens = 0
     bar = progress_bar(total=rounds, desc=desc, unit="batch", disable=not progress)
     try:
-        for round_index in range(rounds):
-            batch = batches[round_index] if round_index < len(batches) else []
+        for batch in schedule:
             rows = [prompts[i] for i in batch]
             budgets = _token_budgets(batch, rows, max_new_tokens, total=total, limit=limit)
             no_room += sum(int(max_new_tokens > 0 and budget == 0) for budget in budgets)
@@ -316,7 +323,7 @@ def _decode_rounds(
 def _generate_batches(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
-    batches: list[list[int]],
+    batches: Iterable[list[int]],
     *,
     pad_id: int,
     eos_id: int | Sequence[int] | None,
@@ -382,7 +389,7 @@ def _generate_batches(
             )
     finally:
         module.train(was_training)
-    prompts_done, seconds = sum(map(len, batches)), time.perf_counter() - started
+    prompts_done, seconds = sum(map(len, results)), time.perf_counter() - started
     logger.debug(f"generated {new_tokens} tokens for {prompts_done} prompts in {seconds:.2f}s")
     return results
 
@@ -501,12 +508,16 @@ def distributed_generate(
     progress: bool = True,
     desc: str = "generate",
     return_finished: bool = False,
+    balance: bool = True,
 ) -> list[list[int]] | Generations:
     """``generate`` over the same full ``prompts`` list given on every rank, work shared out.
 
-    Global batch ``b`` (see ``plan_batches``) runs on rank ``b % world_size``; every rank
-    returns the full ordered result, bit-identical to a one-rank run with the same arguments.
-    Arguments as for ``generate``.
+    Each rank takes the next global batch (see ``plan_batches``) whenever it is free
+    (``balance``): outputs end at unknown lengths, so equal counts of batches can be very
+    unequal work. With ``synced_gpus`` (every forward collective), or without ``balance``,
+    global batch ``b`` runs on rank ``b % world_size``. Every rank returns the full ordered
+    result, bit-identical to a one-rank run with the same arguments. Other arguments as for
+    ``generate``.
     """
     batches = plan_batches([len(p) for p in prompts], batch_size)
     seeds = _prompt_seeds(len(prompts), seed, prompt_seeds)
@@ -531,5 +542,7 @@ def distributed_generate(
             desc=desc,
         )
 
-    result = _in_prompt_order(batches, distributed.score_and_gather(batches, run_share))
+    dynamic = balance and not synced_gpus  # synced ranks must keep step, batch for batch
+    per_batch = distributed.score_and_gather(batches, run_share, balance=dynamic)
+    result = _in_prompt_order(batches, per_batch)
     return result if return_finished else result.tokens

@@ -54,11 +54,20 @@ class PreemptionFlag:
                 os._exit(130)
         self.signal = self.signal or signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        """True on every rank once any rank was asked to stop (one tiny all-reduce); called
-        after every optimizer step, from which on a Ctrl-C means "checkpoint, then exit"."""
+    @property
+    def vote(self) -> float:
+        """1.0 when this rank was asked to stop: summed over ranks, the ``votes`` of ``agreed``."""
+        return float(self.signal is not None)
+
+    def agreed(self, votes: float | None = None) -> bool:
+        """True on every rank once any rank was asked to stop; called after every optimizer
+        step, from which on a Ctrl-C means "checkpoint, then exit". ``votes``: the sum of
+        ``vote`` over ranks when the caller reduced it with its own numbers (else one tiny
+        all-reduce here)."""
         self.stepping = True
-        if distributed.all_reduce_sum(float(self.signal is not None)) == 0:
+        if votes is None:
+            votes = distributed.all_reduce_sum(self.vote)
+        if votes == 0:
             return False
         self.reason = next(s for s in distributed.all_gather_objects(self.signal) if s)
         return True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from pocl_ds.data import (
     TokenizedSample,
     load_instructions,
     split_samples,
+    target_count,
     tokenize_samples,
 )
 from pocl_ds.difficulty import DifficultyResult, measure_difficulty
@@ -52,6 +54,7 @@ from pocl_ds.models import (
 from pocl_ds.objective import DistillationObjective
 from pocl_ds.sampler import StageSampler
 from pocl_ds.synthetic import write_synthetic_tasks
+from pocl_ds.teacher_cache import TeacherCache, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +231,8 @@ class Run:
     """Everything one training run is made of, built once from its config (``build_run``).
 
     The trainer gets this and only runs it: it reads no config field that decides what is
-    built. ``teacher`` is set only for methods whose loss needs it at every step;
+    built. ``teacher`` is set only for methods whose loss needs it at every step, and
+    ``teacher_cache`` then hands the loss its states (from the teacher or its cache);
     ``samplers`` holds one ``StageSampler`` per stage of ``controller.plans``.
     """
 
@@ -239,6 +243,7 @@ class Run:
     samples_by_index: dict[int, TokenizedSample]
     engine: Any
     teacher: Any | None
+    teacher_cache: TeacherCache | None
     curation: CurationPolicy
     controller: CurriculumController
     samplers: list[StageSampler]
@@ -249,6 +254,13 @@ class Run:
     seqkd_truncated: int
     eval_suites: dict[str, list[InstructionSample]]
     timings: dict[str, float]
+
+    def target_tokens(self, indices: Iterable[int]) -> int:
+        """The target tokens of these training samples, as ``collate_for_training`` labels them."""
+        on_prompt = self.method.loss_on_prompt
+        return sum(
+            target_count(self.samples_by_index[i], loss_on_prompt=on_prompt) for i in indices
+        )
 
     @property
     def pad_id(self) -> int:
@@ -331,6 +343,7 @@ def build_run(config: ExperimentConfig, *, resume: str = "none") -> Run:
         samples_by_index={s.index: s for s in train_samples},
         engine=engine,
         teacher=teacher,
+        teacher_cache=_teacher_cache(config, teacher, data, train_samples),
         curation=curation,
         controller=controller,
         samplers=samplers,
@@ -383,6 +396,36 @@ def _student_engine(
     )
     engine = create_student_engine(objective, ds_config, lr=t.lr, weight_decay=t.weight_decay)
     return engine, zero_stage(ds_config) == 3
+
+
+def _teacher_cache(
+    config: ExperimentConfig, teacher: Any, data: PreparedData, samples: list[TokenizedSample]
+) -> TeacherCache | None:
+    if teacher is None:  # no teacher in the loss, nothing to cache
+        return None
+    cached = config.distill.teacher_cache != "none"  # only a cache needs the tokenizer's key
+    cache = teacher_cache_for(
+        config, teacher, tokenizer_fingerprint(data.tokenizer) if cached else ""
+    )
+    if cached:
+        logger.info(
+            "teacher cache (%s, %s): %.1f MiB once all %d training samples are in it",
+            *(cache.mode, cache.dtype, cache.size_bytes(samples) / 2**20, len(samples)),
+        )
+    return cache
+
+
+def teacher_cache_for(config: ExperimentConfig, teacher: Any, tokenizer_id: str) -> TeacherCache:
+    """The run's ``TeacherCache`` (``distill.teacher_cache``; mode none runs the teacher)."""
+    d = config.distill
+    return TeacherCache(
+        teacher,
+        mode=d.teacher_cache,
+        dtype=None if d.teacher_cache_dtype == "teacher" else DTYPES[d.teacher_cache_dtype],
+        directory=config.train.output_dir,
+        tokenizer_id=tokenizer_id,
+        partitioned=config.model.teacher_partition,
+    )
 
 
 def _seqkd_samples(

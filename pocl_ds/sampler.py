@@ -75,6 +75,7 @@ class StageSampler:
         self.accumulation_steps = accumulation_steps
         self.epoch = 0
         self.steps_done = 0
+        self._every_rank: tuple[int, list[list[list[int]]]] | None = None  # (epoch, batches)
         per_rank = math.ceil(len(self.sample_indices) / world_size)
         self._steps = math.ceil(per_rank / micro_batch_size) // accumulation_steps
         if self._steps == 0:
@@ -93,17 +94,32 @@ class StageSampler:
         self.epoch = epoch
         self.steps_done = 0
 
-    def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
-        """Every micro-batch of ``epoch`` on this rank, in order (whole optimizer steps only)."""
+    def epoch_micro_batches(self, epoch: int, rank: int | None = None) -> list[list[int]]:
+        """Every micro-batch of ``epoch`` on this rank (or ``rank``), in order (whole optimizer
+        steps only)."""
         shard = shard_indices(
             self.sample_indices,
-            rank=self.rank,
+            rank=self.rank if rank is None else rank,
             world_size=self.world_size,
             shuffle_key=f"pocl-shard:{self.seed}:{self.stage}:{epoch}",
         )
         size = self.micro_batch_size
         batches = [shard[i : i + size] for i in range(0, len(shard), size)]
         return batches[: self._steps * self.accumulation_steps]
+
+    def global_batch(self, step: int) -> list[int]:
+        """The samples of optimizer step ``step`` (0-based) of the current epoch on every rank:
+        each rank knows the whole global batch without asking the others."""
+        if self._every_rank is None or self._every_rank[0] != self.epoch:
+            shares = [self.epoch_micro_batches(self.epoch, r) for r in range(self.world_size)]
+            self._every_rank = (self.epoch, shares)
+        a = self.accumulation_steps
+        return [
+            i
+            for share in self._every_rank[1]
+            for mb in share[step * a : (step + 1) * a]
+            for i in mb
+        ]
 
     def __iter__(self) -> Iterator[list[list[int]]]:
         batches = self.epoch_micro_batches(self.epoch)

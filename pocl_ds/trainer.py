@@ -25,10 +25,10 @@ from pocl_ds.data import IGNORE_INDEX, TokenizedSample, collate_for_training
 from pocl_ds.engine import reset_optimizer_state, set_learning_rate
 from pocl_ds.errors import PoclError
 from pocl_ds.evaluate import evaluate_model, report_to_json, validation_scores, write_report
-from pocl_ds.objective import teacher_inputs
 from pocl_ds.preemption import PreemptionFlag
 from pocl_ds.recipe import Run, build_run
 from pocl_ds.sampler import StageSampler
+from pocl_ds.step_totals import StepTotals
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +47,6 @@ class Position:
 def _without_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch with every label masked: its loss and gradient are exactly zero."""
     return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
-
-
-def _finite_on_every_rank(loss: torch.Tensor) -> bool:
-    return distributed.all_reduce_sum(float(not torch.isfinite(loss.detach()))) == 0
-
-
-def _target_count(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
 
 
 def lr_at(step: int, total: int, *, peak: float, warmup_ratio: float, schedule: str) -> float:
@@ -77,13 +69,13 @@ class Trainer:
         self.resume = resume
         self.out = run.output_dir
         self.engine = run.engine
-        self.teacher = run.teacher
         self.controller = run.controller
         self.tokenizer = run.data.tokenizer
         self.metrics = telemetry.MetricsWriter(self.out, enabled=distributed.is_main_process())
         self.checkpoints = CheckpointManager(self.out, keep=self.config.train.keep_checkpoints)
         self.position = Position()
         self.preemption = PreemptionFlag()
+        self.skip_nonfinite = self.config.train.on_nonfinite == "skip"
         # curriculum: the controller's own time (plans, stage decisions), difficulty excluded
         self.timings = {**run.timings, "train": 0.0, "validation": 0.0}
         self.preempted = False
@@ -93,66 +85,75 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, plan: StagePlan, micro_batches: list[list[TokenizedSample]]) -> dict:
-        """One optimizer step over ``micro_batches`` (this rank's share of the global batch)."""
-        cfg = self.config
+    def train_step(
+        self,
+        plan: StagePlan,
+        micro_batches: list[list[TokenizedSample]],
+        *,
+        global_targets: int | None = None,
+    ) -> dict:
+        """One optimizer step over ``micro_batches`` (this rank's share of the global batch).
+
+        ``global_targets``: the global batch's target-token count, when the caller knows it
+        (the run loop does, from every rank's share of the sampler); else it is all-reduced.
+        Besides it, the host-side checks of a step (non-finite losses, the loss sums, token and
+        sample counts, the preemption vote) take one all-reduce, after the last forward.
+        """
         run = self.run_parts
         started = time.perf_counter()
+        step = self.position.global_step
+        curated = run.curation.uses_student_samples(step)
         micro_batches = run.curation.apply(
-            self.engine.module.model,
-            micro_batches,
-            step=self.position.global_step,
-            synced_gpus=run.zero3,
+            self.engine.module.model, micro_batches, step=step, synced_gpus=run.zero3
         )
         on_prompt = run.method.loss_on_prompt  # pre-training: every token is a target
         batches = [
             collate_for_training(mb, run.pad_id, loss_on_prompt=on_prompt) for mb in micro_batches
         ]
-        collated = [{k: v.to(run.device) for k, v in batch.items()} for batch in batches]
-        world, accumulation = distributed.world_size(), cfg.train.gradient_accumulation_steps
-        global_tokens = distributed.all_reduce_sum(sum(_target_count(b) for b in collated))
+        if global_targets is None or curated:  # fresh samples: only their rank knows them
+            local = sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in batches)
+            global_targets = distributed.all_reduce_sum(local)
+        world, accumulation = (
+            distributed.world_size(),
+            self.config.train.gradient_accumulation_steps,
+        )
         # The engine averages gradients over ranks and scales by 1/accumulation, so each
-        # micro-batch divides its token sum by global_tokens / (world × accumulation): the
+        # micro-batch divides its token sum by global_targets / (world × accumulation): the
         # step's gradient is then that of the mean over every valid token of the global batch.
-        divisor = max(global_tokens, 1.0) / (world * accumulation)
+        divisor = max(global_targets, 1.0) / (world * accumulation)
         lr = self._learning_rate(plan)
         set_learning_rate(self.engine, lr)
-        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-        input_tokens = 0
-        skipped = False
-        for position, (batch, samples) in enumerate(zip(collated, micro_batches, strict=True)):
-            if skipped:
+        totals = StepTotals(run.device)
+        for position, (cpu_batch, samples) in enumerate(zip(batches, micro_batches, strict=True)):
+            batch = {k: v.to(run.device) for k, v in cpu_batch.items()}
+            if totals.skipped:
                 batch = _without_targets(batch)
-            terms = self._loss_terms(plan, batch, divisor)
-            if not skipped and not _finite_on_every_rank(terms.loss):
-                self._non_finite(plan, samples, terms.loss)
-                # Keep DeepSpeed's accumulation counters in step: the rest of this step's
-                # micro-batches still run forward/backward, with no target tokens, so they add
-                # zero gradient; and the optimizer step is taken at learning rate 0, so the
-                # parameters do not move.
-                skipped = True
-                batch = _without_targets(batch)
-                terms = self._loss_terms(plan, batch, divisor)
-            if skipped and position == len(collated) - 1:
-                set_learning_rate(self.engine, 0.0)
+            terms = self._loss_terms(plan, batch, samples, divisor)
+            non_finite = totals.check(terms)
+            if self.skip_nonfinite and not totals.skipped and bool(non_finite):
+                # A non-finite loss must never reach the gradients: this micro-batch and the
+                # rest of the step run with no target (zero gradient; DeepSpeed's accumulation
+                # counters stay in step), and every rank learns of it from the step's reduction.
+                totals.skipped = True
+                terms = self._loss_terms(plan, _without_targets(batch), samples, divisor)
+            input_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+            totals.add(terms, input_tokens=input_tokens, samples=len(samples))
+            if position == len(batches) - 1:
+                reduced = totals.reduce(self.preemption.vote)
+                if reduced["non_finite"]:
+                    self._non_finite(plan, totals.culprits(micro_batches))  # stop mode raises
+                    set_learning_rate(self.engine, 0.0)  # skip mode: the parameters stay
             self.engine.backward(terms.loss)
             self.engine.step()
-            for key in sums:
-                sums[key] += float(getattr(terms, key).detach())
-            input_tokens += int(batch["attention_mask"].sum())
-        # Each micro-batch term is (its token sum) × world × accumulation / (global tokens).
-        totals = {
-            k: distributed.all_reduce_sum(v) / (world * accumulation) for k, v in sums.items()
-        }
-        elapsed = time.perf_counter() - started
-        tokens = distributed.all_reduce_sum(input_tokens)
         return {
-            **totals,
-            "lr": 0.0 if skipped else lr,
-            "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "skipped": skipped,
-            "samples": int(distributed.all_reduce_sum(sum(len(mb) for mb in micro_batches))),
-            "student_samples": run.curation.uses_student_samples(self.position.global_step),
+            # each micro-batch term is (its token sum) × world × accumulation / (global tokens)
+            **{k: reduced[k] / (world * accumulation) for k in ("loss", "kd", "ce")},
+            "lr": 0.0 if reduced["non_finite"] else lr,
+            "tokens_per_s": reduced["tokens"] / max(time.perf_counter() - started, 1e-9),
+            "skipped": reduced["non_finite"] > 0,
+            "samples": int(reduced["samples"]),
+            "student_samples": curated,
+            "preemption_votes": reduced["preemption"],
         }
 
     def _learning_rate(self, plan: StagePlan) -> float:
@@ -164,18 +165,18 @@ class Trainer:
         t = self.config.train
         return lr_at(step, span, peak=t.lr, warmup_ratio=t.warmup_ratio, schedule=t.lr_schedule)
 
-    def _loss_terms(self, plan: StagePlan, batch: dict[str, torch.Tensor], divisor: float) -> Any:
-        # The teacher runs only when its distributions enter the loss (never for SeqKD, nor
-        # at α = 1, where the distillation term is multiplied by 0).
+    def _loss_terms(
+        self, plan: StagePlan, batch: dict, samples: list[TokenizedSample], divisor: float
+    ) -> Any:
+        # The teacher's states enter only when its distributions do (never for SeqKD, nor at
+        # α = 1, where the distillation term is multiplied by 0): from its cache, or its forward.
         teacher_hidden, teacher_head = None, None
-        if self.teacher is not None and plan.sft_weight < 1.0:
-            teacher_hidden, teacher_head = teacher_inputs(
-                self.teacher, batch["input_ids"], batch["attention_mask"]
+        if self.run_parts.teacher_cache is not None and plan.sft_weight < 1.0:
+            teacher_hidden, teacher_head = self.run_parts.teacher_cache.inputs(
+                batch["input_ids"], batch["attention_mask"], samples
             )
         return self.engine(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
+            *(batch[k] for k in ("input_ids", "attention_mask", "labels")),
             teacher_hidden=teacher_hidden,
             teacher_head=teacher_head,
             temperature=plan.temperature,
@@ -183,10 +184,9 @@ class Trainer:
             num_valid_tokens=divisor,
         )
 
-    def _non_finite(self, plan: StagePlan, samples: list[TokenizedSample], loss: torch.Tensor):
-        # Every rank names the same samples, those of the ranks whose own loss is not finite,
-        # so a stop is one message (not one per rank, each naming its own batch).
-        local = [] if bool(torch.isfinite(loss.detach())) else [s.index for s in samples]
+    def _non_finite(self, plan: StagePlan, local: list[int]):
+        # Every rank names the same samples, those of every rank's micro-batches whose loss
+        # was not finite, so a stop is one message (not one per rank, each its own batch).
         culprits = [i for part in distributed.all_gather_objects(local) for i in part]
         where = f"stage {plan.stage}, step {self.position.global_step + 1}, samples {culprits}"
         if self.config.train.on_nonfinite == "stop":
@@ -253,12 +253,10 @@ class Trainer:
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         logger.info(
-            "%s: %d stages, %d optimizer steps, %d training samples, %d ranks",
-            self.run_parts.method.label(cfg.distill.divergence),
-            len(self.controller.plans),
-            self.total_steps,
-            len(self.run_parts.samples_by_index),
-            distributed.world_size(),
+            f"{self.run_parts.method.label(cfg.distill.divergence)}: "
+            f"{len(self.controller.plans)} stages, {self.total_steps} optimizer steps, "
+            f"{len(self.run_parts.samples_by_index)} training samples, "
+            f"{distributed.world_size()} ranks"
         )
         bar = telemetry.progress(total=self.total_steps, desc="train", unit="step")
         bar.update(self.position.global_step)
@@ -296,7 +294,9 @@ class Trainer:
                     return False  # the step budget (train.max_steps) is spent
                 indices = next(steps)
                 batches = [[self.run_parts.samples_by_index[i] for i in mb] for mb in indices]
-                result = self.train_step(plan, batches)
+                # every rank's share is known here: no collective needed to count its targets
+                targets = self.run_parts.target_tokens(sampler.global_batch(sampler.steps_done - 1))
+                result = self.train_step(plan, batches, global_targets=targets)
                 p.global_step += 1
                 p.stage_step += 1
                 p.samples_seen += result["samples"]
@@ -304,7 +304,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(stage=plan.stage, loss=f"{result['loss']:.3f}", refresh=False)
                 self._log_step(plan, result)
-                if self.preemption.agreed():
+                if self.preemption.agreed(result["preemption_votes"]):
                     self.save()
                     if distributed.is_main_process():
                         logger.warning(
@@ -342,15 +342,14 @@ class Trainer:
     def _end_of_epoch(self, plan: StagePlan) -> bool:
         """Validate, maybe close the stage, checkpoint; True when the stage is over."""
         p = self.position
+        if self.run_parts.teacher_cache is not None:
+            self.run_parts.teacher_cache.share()  # memory mode: every rank gets every entry
         scores = self.validate()
         epoch = self.controller.epochs_run + 1
         self.metrics.log({"stage": plan.stage, "epoch": epoch, "step": p.global_step, **scores})
         logger.info(
             "stage %d epoch %d: val loss %.4f, val ROUGE-L %.2f",
-            plan.stage,
-            epoch,
-            scores["val_loss"],
-            scores["val_rouge_l"],
+            *(plan.stage, epoch, scores["val_loss"], scores["val_rouge_l"]),
         )
         started = time.perf_counter()
         stage_over = self.controller.report_validation(scores["val_rouge_l"])
@@ -403,6 +402,7 @@ class Trainer:
             "timings": self.timings,
             "wall_s": time.perf_counter() - run_started + self.timings["setup"],
             "eval": evaluation,
+            "teacher_cache": cache.summary() if (cache := self.run_parts.teacher_cache) else None,
             # generated answers cut at their token budget, stored without EOS
             "truncated_samples": {
                 "teacher_answers": self.run_parts.seqkd_truncated,

@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
 
 import bench_common  # noqa: E402
+import bench_teacher_cache  # noqa: E402
 import bench_train  # noqa: E402
 
 
@@ -99,9 +100,9 @@ def test_both_modules_train_through_the_trainers_own_step():
         calls = []
         step = Trainer.train_step
 
-        def counted(self, plan, micro_batches):
+        def counted(self, plan, micro_batches, **kwargs):
             calls.append([[sample.index for sample in mb] for mb in micro_batches])
-            return step(self, plan, micro_batches)
+            return step(self, plan, micro_batches, **kwargs)
 
         Trainer.train_step = counted
         out = {{}}
@@ -158,4 +159,16 @@ def test_quick_run_writes_rows_table_and_plot(tmp_path):
     assert "first-step loss of fused equals naive" in done.stdout
     assert "fused throughput >= 1.0x naive" in done.stdout
     assert "fused peak memory per rank <= 0.5x naive" in done.stdout
+    # then the teacher-cache case: the live teacher and three caches, a verdict per fp32 cache
+    with (tmp_path / "teacher_cache.csv").open(newline="") as handle:
+        cached = list(csv.DictReader(handle))
+    assert [r["case"] for r in cached] == list(bench_teacher_cache.CASES)
+    assert all(r["status"] == "ok" for r in cached), [r["status"] for r in cached]
+    live = cached[0]
+    for row in cached[1:]:
+        assert float(row["teacher_fwd_s"]) == 0.0  # the second epoch never runs the teacher
+        gap = bench_teacher_cache._loss_gap(row, live)
+        assert gap <= (1e-2 if row["teacher_cache_dtype"] == "bf16" else 1e-6), (row, gap)
+    verdicts = [line for line in done.stdout.splitlines() if "teacher cache" in line]
+    assert [v.split()[0] in ("PASS", "FAIL") for v in verdicts] == [True, True], verdicts
     assert (tmp_path / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -52,6 +52,22 @@ def test_two_ranks_receive_the_same_broadcast(launcher, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_balanced_scoring_gives_the_slower_rank_fewer_items(launcher, tmp_path):
+    """``score_and_gather(..., balance=True)``: ranks claim items through the store as they
+    free up; the results are those of the static share, item for item."""
+    if reason := launcher_available(launcher):
+        pytest.skip(reason)
+    out = tmp_path / "probe.json"
+    result = run(launcher, PROBE, ["balance", str(out)], timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    probe = json.loads(out.read_text())
+    assert probe["balanced"] == probe["static"] == [i * i for i in range(40)]
+    slow, fast = probe["claimed"]
+    assert slow + fast == 40 and fast >= 2 * slow, probe["claimed"]  # 4x the rate: ~32 vs 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_rank_that_raises_ends_the_job_promptly(launcher, tmp_path):
     if reason := launcher_available(launcher):
         pytest.skip(reason)

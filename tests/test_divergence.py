@@ -885,3 +885,40 @@ def test_zero3_partitioned_tied_head_matches_zero0(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["zero"]:
     _zero_worker(sys.argv[2])
+
+
+def test_the_kernel_reads_the_device_once_per_call():
+    """Its one host read is the valid-row count (its chunk plan) fused with the label check;
+    no other item/tolist/bool in the forward or the backward, so a trainer step's micro-batches
+    do not each stall a GPU on checks."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    reads = []
+
+    class HostReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in (
+                "item",
+                "tolist",
+                "__bool__",
+                "__float__",
+                "__int__",
+            ):
+                frames = [f.filename for f in traceback.extract_stack()[:-1]]
+                reads.append(next(f for f in reversed(frames) if "/torch/" not in f))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    hs = torch.randn(64, 16, generator=gen, requires_grad=True)
+    ws = torch.randn(100, 16, generator=gen, requires_grad=True)
+    ht, wt = torch.randn(64, 16, generator=gen), torch.randn(100, 16, generator=gen)
+    labels = torch.randint(0, 100, (64,), generator=gen)
+    mask = torch.rand(64, generator=gen) > 0.2
+    with HostReads():
+        loss, _, _ = fused_linear_distill_loss(
+            hs, ws, ht, wt, mask, kind="fkl", labels=labels, sft_weight=0.3, chunk_size=16
+        )
+        loss.backward()
+    assert [Path(f).name for f in reads] == ["divergence.py"]

@@ -397,6 +397,37 @@ def test_gkd_run_killed_resumes_onto_the_same_on_policy_run(
     )
 
 
+@pytest.mark.slow
+def test_kd_with_a_disk_teacher_cache_killed_resumes_on_the_cache_and_rebuilds_a_torn_entry(
+    reference, data, tmp_path, reliability
+):
+    """The killed run computed every sample's teacher states in epoch 1; the resumed run reads
+    them (one entry torn meanwhile is recomputed) and ends on the live-teacher reference."""
+    out = tmp_path / "run"
+    args = recipe_args(out, data, "distill.teacher_cache=disk")
+    saved, ended_after = kill_then_resume(out, args, tmp_path / "killed.txt")
+    (directory,) = (out / "teacher_cache").iterdir()
+    entries = sorted(directory.glob("*.pt"))
+    assert len(entries) == 48
+    entries[0].write_bytes(entries[0].read_bytes()[:100])
+    code, text, _ = run_to_end("torchrun", [*args, "--resume", "auto"], tmp_path / "resumed.txt")
+    assert code == 0, text[-4000:]
+    assert f"resumed from step-{saved:08d}" in text
+    assert_same_run(out, reference)
+    cache = json.loads((out / "summary.json").read_text())["teacher_cache"]
+    assert (cache["misses"], cache["rebuilt"]) == (1, 1)
+    assert cache["hits"] == (6 * EPOCHS - saved) * 8 - 1
+    reliability.record(
+        "kill-teacher-cache",
+        "KD with distill.teacher_cache=disk: SIGKILL of rank 1, one cache entry torn",
+        "torchrun",
+        f"`--resume auto` continued from step {saved} on the cache ({cache['hits']} entries "
+        "read, the torn one recomputed): loss sequence and best val ROUGE-L equal to the "
+        "live-teacher run",
+        ended_after,
+    )
+
+
 # ----------------------------------------------------------------------------- SIGTERM
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["ranks", "launcher"])

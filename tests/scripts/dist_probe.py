@@ -1,4 +1,5 @@
-"""A 2-rank probe: broadcast and gather objects, or fail on one rank (see test_distributed)."""
+"""A 2-rank probe: broadcast and gather objects, share work, or fail on one rank (see
+test_distributed)."""
 
 import json
 import os
@@ -24,6 +25,8 @@ def main() -> int:
         distributed.barrier()  # rank 0 would wait here forever if the failure did not end the job
         time.sleep(300)
         return 0
+    if mode == "balance":
+        return _balance(info, out)
     payload = {"from": info.rank, "nonce": random.Random(os.getpid()).random(), "list": [1, 2, 3]}
     received = distributed.broadcast_object(payload if info.rank == 0 else None)
     gathered = distributed.all_gather_objects({"rank": info.rank, "received": received})
@@ -33,6 +36,30 @@ def main() -> int:
                 {"world_size": info.world_size, "launcher": info.launcher, "gathered": gathered}
             )
         )
+    return 0
+
+
+def _balance(info, out: Path) -> int:
+    """Score 40 items with and without ``balance``, rank 0 four times slower per item."""
+    from pocl_ds import distributed
+
+    claimed = []
+
+    def score(share):
+        results = []
+        for item in share:
+            time.sleep(0.04 if info.rank == 0 else 0.01)
+            claimed.append(item)
+            results.append(item * item)
+        return results
+
+    items = list(range(40))
+    balanced = distributed.score_and_gather(items, score, balance=True)
+    counts = distributed.all_gather_objects(len(claimed))
+    claimed.clear()
+    static = distributed.score_and_gather(items, score)
+    if info.rank == 0:
+        out.write_text(json.dumps({"balanced": balanced, "static": static, "claimed": counts}))
     return 0
 
 
