@@ -133,7 +133,7 @@ class TeacherCache:
 
     def size_bytes(self, samples: list[TokenizedSample]) -> int:
         """What the cache holds once every one of ``samples`` is in it: one row of H values
-        per response token (plus a few hundred bytes of file per entry on disk)."""
+        per response token (plus about a kilobyte of file per entry on disk)."""
         rows = sum(loss_rows(s).stop - loss_rows(s).start for s in samples)
         return rows * self.head[0].shape[1] * torch.empty((), dtype=self.dtype).element_size()
 
