@@ -179,7 +179,8 @@ def markdown(rows: list[dict]) -> str:
         f"Pair {first['pair']}: teacher {first['teacher']} / student {first['student']}, "
         f"vocab {first['vocab']}, {first['ranks']} ranks × {first['batch']} × {first['seq']} "
         f"tokens, ZeRO-{first['zero']}, fp32; second-epoch medians over {first['steps']} steps "
-        f"({first['machine']}, {first['timestamp']}).\n\n"
+        f"({first['machine']}, torch {first['torch']}, commit {first['commit']}, "
+        f"{first['timestamp']}).\n\n"
         + markdown_table(header, body)
         + "\n\n"
         + "\n".join(verdicts(rows))
