@@ -63,7 +63,7 @@ FIELDS = [
 # ----------------------------------------------------------------------------- the peers' losses
 
 
-def _peer_class(impl: str, kind: str, vocab: int):
+def _peer_class(impl: str, kind: str):
     """The objective module of ``impl``: called as DistillationObjective, returns LossTerms."""
     import torch
     import torch.nn.functional as F
@@ -141,7 +141,6 @@ def _peer_class(impl: str, kind: str, vocab: int):
             shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
             return self.torchtune(chunks, teacher_chunks, shifted)
 
-    del vocab  # the heads carry it
     return PeerDistillation
 
 
@@ -149,7 +148,7 @@ def run_case(spec: dict) -> dict | None:
     import bench_train
 
     if spec["impl"] != "pocl_ds":
-        cls = _peer_class(spec["impl"], spec["kind"], spec["vocab"])
+        cls = _peer_class(spec["impl"], spec["kind"])
         bench_train.OBJECTIVES[spec["impl"]] = lambda: cls
     return bench_train.run_case(
         {**spec, "impl": "fused" if spec["impl"] == "pocl_ds" else spec["impl"]}

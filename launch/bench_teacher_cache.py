@@ -110,7 +110,7 @@ def run_case(spec: dict) -> dict | None:
         distributed.barrier()  # rank 0's directory goes when it leaves the block
         cache = trainer.run_parts.teacher_cache
         if cache.mode == "memory":
-            cache_bytes = sum(h.numel() * h.element_size() for _, h in cache._memory.values())
+            cache_bytes = cache.held_bytes()
         (cache_bytes,) = _max_over_ranks([float(cache_bytes)])
     if info.rank != 0:
         return None

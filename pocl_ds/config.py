@@ -416,7 +416,7 @@ def _check_consistency(config: ExperimentConfig) -> None:
             )
             + "; set it to none or use method kd"
         )
-    if method_spec(config.distill.method).loss_on_prompt and config.curriculum.strategy != "none":
+    if spec.loss_on_prompt and config.curriculum.strategy != "none":
         raise PoclError(
             f"curriculum.strategy: {config.curriculum.strategy} needs prompts to rank, but "
             f"distill.method={config.distill.method} trains a base model on plain text; use none"

@@ -366,14 +366,16 @@ def _cross_entropy_scores(
 
     def cross_entropy_share(share: Iterable[list[int]]) -> list[list[float]]:
         values = []
-        bar = progress(total=len(batches), desc="difficulty: cross-entropy", unit="batch")
-        if not synced_gpus:  # a static share, or batches claimed as the rank frees up
+        if not synced_gpus:  # a static share, or batches claimed as the rank frees up (no total)
+            total = len(share) if isinstance(share, list) else None
+            bar = progress(total=total, desc="difficulty: cross-entropy", unit="batch")
             for batch in share:
                 values.append(_cross_entropy_batch(module, [samples[p] for p in batch], pad_id))
                 bar.update(1)
             bar.close()
             return values
         share = list(share)  # ZeRO-3: equal rounds on every rank, each forward collective
+        bar = progress(total=len(batches), desc="difficulty: cross-entropy", unit="batch")
         for step in range(math.ceil(len(batches) / world)):
             if step < len(share):
                 values.append(

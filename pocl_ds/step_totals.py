@@ -2,7 +2,7 @@
 
 Per micro-batch the trainer adds the loss terms (kept on the device: no host read), whether
 the loss was finite (a device flag), and the input tokens and samples (counted on the host from
-the collated CPU batch). After the step's last forward, ``reduce`` sums all of it and the
+the samples' lengths). After the step's last forward, ``reduce`` sums all of it and the
 preemption vote over ranks in one float64 all-reduce: the step's only host-side collective.
 """
 
@@ -22,7 +22,8 @@ class StepTotals:
         self.non_finite: list[torch.Tensor] = []  # one device flag per micro-batch
         self.tokens = 0
         self.samples = 0
-        self.skipped = False  # this rank met a non-finite loss and took its targets out
+        # this rank met a non-finite loss (its flag is already recorded) and took its targets out
+        self.skipped = False
 
     def check(self, terms: LossTerms) -> torch.Tensor:
         """Record whether this micro-batch's loss is finite; the flag, still on the device."""
@@ -39,8 +40,6 @@ class StepTotals:
         """Sums over ranks (collective): ``non_finite`` > 0 when any rank met a non-finite
         loss; loss, kd, ce; input tokens; samples; preemption votes."""
         non_finite = torch.stack(self.non_finite).any().double().reshape(1)
-        if self.skipped:
-            non_finite = torch.ones_like(non_finite)
         host = [float(self.tokens), float(self.samples), float(preemption_vote)]
         local = torch.cat([non_finite, self.sums, self.sums.new_tensor(host)])
         return dict(zip(KEYS, distributed.all_reduce_sums(local), strict=True))

@@ -137,6 +137,10 @@ class TeacherCache:
         rows = sum(loss_rows(s).stop - loss_rows(s).start for s in samples)
         return rows * self.head[0].shape[1] * torch.empty((), dtype=self.dtype).element_size()
 
+    def held_bytes(self) -> int:
+        """Bytes of the entries this rank holds in memory (0 in the other modes)."""
+        return sum(h.numel() * h.element_size() for _, h in self._memory.values())
+
     def _clear_other_fingerprints(self) -> None:
         if not self.root.is_dir():
             return

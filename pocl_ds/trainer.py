@@ -189,7 +189,7 @@ class Trainer:
         # was not finite, so a stop is one message (not one per rank, each its own batch).
         culprits = [i for part in distributed.all_gather_objects(local) for i in part]
         where = f"stage {plan.stage}, step {self.position.global_step + 1}, samples {culprits}"
-        if self.config.train.on_nonfinite == "stop":
+        if not self.skip_nonfinite:
             raise PoclError(
                 f"non-finite loss at {where}; set train.on_nonfinite=skip to skip such steps"
             )
@@ -348,8 +348,8 @@ class Trainer:
         epoch = self.controller.epochs_run + 1
         self.metrics.log({"stage": plan.stage, "epoch": epoch, "step": p.global_step, **scores})
         logger.info(
-            "stage %d epoch %d: val loss %.4f, val ROUGE-L %.2f",
-            *(plan.stage, epoch, scores["val_loss"], scores["val_rouge_l"]),
+            f"stage {plan.stage} epoch {epoch}: val loss {scores['val_loss']:.4f}, "
+            f"val ROUGE-L {scores['val_rouge_l']:.2f}"
         )
         started = time.perf_counter()
         stage_over = self.controller.report_validation(scores["val_rouge_l"])
