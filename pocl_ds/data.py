@@ -372,12 +372,16 @@ def split_samples(
     sizes: tuple[int, int, int] | None,
     seed: int,
 ) -> tuple[list[InstructionSample], list[InstructionSample], list[InstructionSample]]:
-    """Deterministic train/validation/test split.
+    """Deterministic train/validation/test split with no prompt in two splits.
 
     The test set is drawn first, then validation, then train, from one seeded permutation,
-    so changing the training size never moves a sample between validation and test.
+    so changing the training size never moves a sample between validation and test. A prompt
+    is held out once: a later sample with the prompt of a test or validation sample is never
+    drawn again, so an evaluation split holds no training task and no repeat (generated data
+    repeats small tasks; a held-out repeat in training would score recall, not skill). Test
+    and validation are filled to their sizes or the split fails; train takes up to its size
+    from what is left, and the log says how many repeats of held-out prompts it left out.
     ``sizes=None`` scales the paper's 12.5K/1K/0.5K proportions to ``len(samples)``.
-    Samples not drawn (when the sizes sum to less than N) are left out, and the log says so.
     Each split is returned in index order; samples keep their original ``index``.
     """
     total = len(samples)
@@ -396,11 +400,37 @@ def split_samples(
     order = list(range(total))
     random.Random(seed).shuffle(order)
     train_size, validation_size, test_size = sizes
-    test_ids = order[:test_size]
-    validation_ids = order[test_size : test_size + validation_size]
-    train_ids = order[test_size + validation_size : test_size + validation_size + train_size]
-    if sum(sizes) < total:
-        logger.info("split: %d of %d samples left out of every split", total - sum(sizes), total)
+    held_out: set[str] = set()
+    position = 0
+    picked: list[list[int]] = []
+    for name, size in (("test", test_size), ("validation", validation_size)):
+        ids: list[int] = []
+        while len(ids) < size and position < total:
+            index = order[position]
+            position += 1
+            if samples[index].prompt not in held_out:
+                held_out.add(samples[index].prompt)
+                ids.append(index)
+        if len(ids) < size:
+            raise PoclError(
+                f"split: only {len(ids)} {name} samples with prompts of their own could be drawn, "
+                f"{size} were asked for: the data repeats its prompts too often for these sizes"
+            )
+        picked.append(ids)
+    test_ids, validation_ids = picked
+    rest = [i for i in order[position:] if samples[i].prompt not in held_out]
+    train_ids = rest[:train_size]
+    repeats = total - position - len(rest)
+    if repeats:
+        logger.info(
+            "split: %d training candidates repeat a held-out prompt and were left out", repeats
+        )
+    if len(train_ids) + len(test_ids) + len(validation_ids) < total:
+        logger.info(
+            "split: %d of %d samples in no split",
+            total - len(train_ids) - len(test_ids) - len(validation_ids),
+            total,
+        )
     return tuple(  # type: ignore[return-value]
         [samples[i] for i in sorted(ids)] for ids in (train_ids, validation_ids, test_ids)
     )

@@ -32,7 +32,7 @@ from pathlib import Path
 from pocl_ds import atomic
 from pocl_ds.data import InstructionSample
 from pocl_ds.errors import PoclError
-from pocl_ds.synthetic import generate_tasks
+from pocl_ds.synthetic import FAMILIES, generate_tasks
 
 NGRAM = 8  # words a docstring may share with an excluded text before it is dropped
 MIN_DOC_WORDS = 20
@@ -84,6 +84,7 @@ def synthetic_corpus(
     num_valid: int,
     seeds: Sequence[int],
     scale: str,
+    families: Sequence[str] | None = None,
 ) -> dict:
     """Tasks of generator ``seeds`` (none of them the task data's seed) as text and statements.
 
@@ -96,7 +97,7 @@ def synthetic_corpus(
     for seed in seeds:
         fresh += [
             t
-            for t in generate_tasks(num_tasks + num_valid, seed, scale=scale)
+            for t in generate_tasks(num_tasks + num_valid, seed, families=families, scale=scale)
             if (t["prompt"], t["output"]) not in taken
         ]
     # One task once: the generator repeats small tasks across seeds.
@@ -117,7 +118,8 @@ def synthetic_corpus(
     return _describe(
         out,
         {
-            "source": f"synthetic tasks of generator seeds {list(seeds)} (scale {scale}) not in "
+            "source": f"synthetic tasks of generator seeds {list(seeds)} (scale {scale}, families "
+            f"{', '.join(families or FAMILIES)}) not in "
             "the task data: half as templated text, half as plain statements",
             "excluded_tasks": len(taken),
             "valid_records": len(valid),

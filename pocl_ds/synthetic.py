@@ -3,10 +3,12 @@
 The embedded default dataset: it needs no download, a tiny model learns its easy levels in
 minutes on a CPU and fails its hard ones, so a demo can show what a curriculum does and the
 difficulty measurer can be checked against the truth. Each family grows one size with the
-level (operand digits, list length, context size) while answers stay a few tokens long, so
-training and generation stay cheap. The ``easy`` scale shrinks every size so that a model of a
-few hundred thousand parameters learns most levels within a minute or two of CPU training
-(the demo); ``standard`` is the default.
+level (operand range, list length, number of pairs) while answers stay a few tokens long, so
+training and generation stay cheap. Every level holds at least 100 distinct tasks: a
+pre-training corpus, a training set and held-out tasks must be disjoint, and a level of a few
+dozen tasks would be used up by the task data and never reach the corpus (a base model would
+then never see it). The ``easy`` scale keeps numbers small for the demo's tiny models;
+``standard`` is the default.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class _Sizes:
     reverse_lengths: tuple[int, ...]
     # Sorting grows both the list and its numbers: a longer sorted list alone is easier per
     # token (its elements crowd together), which would invert the per-token difficulty.
-    sort_sizes: tuple[tuple[int, int], ...]  # (list length, digits per number)
+    sort_sizes: tuple[tuple[int, int], ...]  # (list length, largest number)
     lookup_pairs: tuple[int, ...]
 
 
@@ -40,14 +42,14 @@ SCALES = {
     "standard": _Sizes(
         add_ranges=((0, 9), (10, 99), (100, 999), (1000, 9999)),
         reverse_lengths=(2, 3, 5, 8),
-        sort_sizes=((2, 1), (3, 1), (3, 2), (4, 3)),
+        sort_sizes=((2, 9), (3, 9), (3, 99), (4, 999)),
         lookup_pairs=(1, 2, 4, 8),
     ),
     "easy": _Sizes(
-        add_ranges=((0, 4), (0, 9), (0, 19), (0, 49)),
-        reverse_lengths=(1, 2, 3, 4),
-        sort_sizes=((1, 1), (2, 1), (3, 1), (4, 1)),
-        lookup_pairs=(1, 2, 3, 4),
+        add_ranges=((0, 9), (0, 19), (0, 49), (0, 99)),
+        reverse_lengths=(2, 3, 5, 8),
+        sort_sizes=((2, 19), (3, 19), (5, 19), (8, 19)),
+        lookup_pairs=(1, 2, 4, 8),
     ),
 }
 
@@ -66,8 +68,8 @@ def _reverse(rng: random.Random, level: int, sizes: _Sizes) -> _Task:
 
 
 def _sort(rng: random.Random, level: int, sizes: _Sizes) -> _Task:
-    length, digits = sizes.sort_sizes[level - 1]
-    numbers = rng.choices(range(10**digits), k=length)
+    length, largest = sizes.sort_sizes[level - 1]
+    numbers = rng.choices(range(largest + 1), k=length)
     return (
         "Sort the numbers from smallest to largest.",
         " ".join(map(str, numbers)),

@@ -291,14 +291,15 @@ def test_real_files_load(relative, rows):
 # ----------------------------------------------------------------------------- splits
 
 
-def make_samples(count: int) -> list[InstructionSample]:
+def make_samples(count: int, distinct: int | None = None) -> list[InstructionSample]:
+    """``count`` samples; with ``distinct``, sample i repeats task i mod ``distinct``."""
     return [
         InstructionSample(
             index=i,
-            instruction=f"task {i}",
+            instruction=f"task {i % (distinct or count)}",
             input="",
-            references=(f"answer {i}",),
-            prompt=render_prompt(f"task {i}"),
+            references=(f"answer {i % (distinct or count)}",),
+            prompt=render_prompt(f"task {i % (distinct or count)}"),
         )
         for i in range(count)
     ]
@@ -316,6 +317,23 @@ def test_split_is_deterministic_disjoint_and_stable():
     smaller = split_samples(samples, sizes=(30, 20, 10), seed=3)
     assert smaller[1:] == (validation, test)
     assert {s.index for s in smaller[0]} <= {s.index for s in train}
+
+
+def test_split_holds_each_prompt_out_once_and_never_trains_on_it():
+    """Generated data repeats prompts: a held-out prompt is in one evaluation split, once, and
+    its repeats are left out of training (which is still filled from the rest)."""
+    samples = make_samples(120, distinct=30)  # 30 prompts, 4 copies each
+    train, validation, test = split_samples(samples, sizes=(40, 5, 5), seed=0)
+    held_out = [s.prompt for s in validation + test]
+    assert (len(validation), len(test)) == (5, 5)
+    assert len(set(held_out)) == 10
+    assert not {s.prompt for s in train} & set(held_out)
+    assert len(train) == 40  # 20 prompts x 4 copies remain for training
+    assert split_samples(samples, sizes=(40, 5, 5), seed=0) == (train, validation, test)
+    # Fewer training candidates than asked: train takes what is left.
+    assert len(split_samples(samples, sizes=(100, 5, 5), seed=0)[0]) == 80
+    with pytest.raises(PoclError, match="only 30 test samples with prompts of their own"):
+        split_samples(samples, sizes=(0, 0, 31), seed=0)
 
 
 def test_split_default_uses_paper_proportions():

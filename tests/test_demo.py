@@ -89,6 +89,16 @@ def test_quick_demo_writes_table_and_plots(tmp_path):
     stages = json.loads((out / "kd_pocl" / "seed1" / "curriculum.json").read_text())["stages"]
     assert [s["status"] for s in stages] == ["done"] * 3
     assert sum(1 for _ in (out / "kd_pocl" / "seed1" / "difficulty.jsonl").open()) == 256
+    # No evaluated task is a training task, and the demo's families are the three it names.
+    splits = {
+        name: [json.loads(line) for line in (out / "data" / f"{name}.jsonl").open()]
+        for name in ("train", "valid", "test")
+    }
+    assert len(splits["train"]) == 256
+    trained = {r["prompt"] for r in splits["train"]}
+    for held_out in ("valid", "test"):
+        assert not trained & {r["prompt"] for r in splits[held_out]}, held_out
+    assert {r["category"] for r in splits["train"]} == {"reverse", "sort", "lookup"}
 
     for png in (
         "rouge_l_by_method.png",
