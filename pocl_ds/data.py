@@ -420,16 +420,13 @@ def split_samples(
     test_ids, validation_ids = picked
     rest = [i for i in order[position:] if samples[i].prompt not in held_out]
     train_ids = rest[:train_size]
-    repeats = total - position - len(rest)
-    if repeats:
+    unused = total - len(train_ids) - len(test_ids) - len(validation_ids)
+    if unused:
         logger.info(
-            "split: %d training candidates repeat a held-out prompt and were left out", repeats
-        )
-    if len(train_ids) + len(test_ids) + len(validation_ids) < total:
-        logger.info(
-            "split: %d of %d samples in no split",
-            total - len(train_ids) - len(test_ids) - len(validation_ids),
+            "split: %d of %d samples in no split (%d of them repeat a held-out prompt)",
+            unused,
             total,
+            total - len(rest) - len(test_ids) - len(validation_ids),
         )
     return tuple(  # type: ignore[return-value]
         [samples[i] for i in sorted(ids)] for ids in (train_ids, validation_ids, test_ids)
