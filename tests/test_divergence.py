@@ -884,7 +884,9 @@ def test_zero3_partitioned_tied_head_matches_zero0(tmp_path):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["zero"]:
-    _zero_worker(sys.argv[2])
+    from pocl_ds.cli import run_main
+
+    run_main(lambda: _zero_worker(sys.argv[2]))
 
 
 def test_the_kernel_reads_the_device_once_per_call():

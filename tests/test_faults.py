@@ -1068,4 +1068,6 @@ def _skip_step_worker(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    _skip_step_worker(sys.argv[1])
+    from pocl_ds.cli import run_main
+
+    run_main(lambda: _skip_step_worker(sys.argv[1]))

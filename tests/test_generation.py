@@ -490,7 +490,9 @@ def test_zero3_gathers_the_model_once_when_it_fits(tmp_path):
 
 
 if __name__ == "__main__":
+    from pocl_ds.cli import run_main
+
     if sys.argv[1] == "zero3":
-        _zero3_worker(sys.argv[2])
+        run_main(lambda: _zero3_worker(sys.argv[2]))
     else:
-        _worker(sys.argv[1])
+        run_main(lambda: _worker(sys.argv[1]))

@@ -111,4 +111,6 @@ def test_each_method_builds_what_it_needs(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    _worker(sys.argv[1])
+    from pocl_ds.cli import run_main
+
+    run_main(lambda: _worker(sys.argv[1]))

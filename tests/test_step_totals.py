@@ -159,4 +159,6 @@ def _worker(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    from pocl_ds.cli import run_main
+
+    run_main(lambda: _worker(sys.argv[1]))
