@@ -62,7 +62,9 @@ def main() -> int:
     parser.add_argument("--data", required=True, help="graded tasks with a difficulty field")
     parser.add_argument("--max-length", type=int, default=128, help="as data.max_length")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="greedy output length")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=24, help="greedy output length (the demo's)"
+    )
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args()
 

@@ -21,6 +21,8 @@ stops the grid rather than mixing two runs. ``<output>/results.{json,md,png}`` a
 after every finished run: every run's numbers, per cell the mean ± sample std over training
 seeds (each seed's score: its mean over sampling seeds, and over suites for Avg.), and per
 cell the paired difference to the baseline over training seeds with a paired t 95 % interval.
+An optional ``comparisons`` list of ``[cell, other]`` pairs adds their paired differences too
+(for example a variant against plain KD where the cells' baseline is the default POCL).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ GRID_KEYS = {
     "sampling_seeds",
     "suites",
     "cells",
+    "comparisons",
 }
 REQUIRED_KEYS = ("purpose", "recipe", "baseline", "training_seeds", "sampling_seeds", "suites")
 CELL_KEYS = {"name", "overrides", "baseline"}
@@ -95,6 +98,9 @@ class Grid:
     sampling_seeds: tuple[int, ...]
     suites: dict[str, str]
     cells: tuple[Cell, ...]
+    # Pairs (cell, other) also reported as paired differences, beside each cell's baseline:
+    # a question such as "does the best variant beat plain KD?" that no baseline column asks.
+    comparisons: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -180,6 +186,25 @@ def _cells(value: Any, where: str, default_baseline: str) -> tuple[Cell, ...]:
     return tuple(cells)
 
 
+def _comparisons(value: Any, where: str, cells: tuple[Cell, ...]) -> tuple[tuple[str, str], ...]:
+    names = [c.name for c in cells]
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise PoclError(f"{where}: expected a list of [cell, other cell] pairs")
+    pairs = []
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1]):
+            raise PoclError(f"{where}[{i}]: expected [cell, other cell], got {pair!r}")
+        unknown = [name for name in pair if name not in names]
+        if unknown:
+            raise PoclError(
+                f"{where}[{i}]: {unknown[0]!r} is not a cell; cells: {', '.join(names)}"
+            )
+        pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
+
+
 def _suites(value: Any, where: str, split: str) -> dict[str, str]:
     """Suite name -> ``valid``/``test`` (the run's own split) or a file / known suite name
     (a held-out test set). Every suite must be of the grid's ``split``."""
@@ -233,6 +258,7 @@ def load_grid(path: str | Path) -> Grid:
     if not recipe.is_file():
         raise PoclError(f"{path}: recipe: {recipe} does not exist (paths are relative to the grid)")
     baseline = data["baseline"]
+    cells = _cells(data["cells"], f"{path}: cells", baseline)
     grid = Grid(
         path=path,
         purpose=purpose,
@@ -244,7 +270,8 @@ def load_grid(path: str | Path) -> Grid:
         training_seeds=_seeds(data["training_seeds"], f"{path}: training_seeds"),
         sampling_seeds=_seeds(data["sampling_seeds"], f"{path}: sampling_seeds"),
         suites=_suites(data["suites"], f"{path}: suites", split),
-        cells=_cells(data["cells"], f"{path}: cells", baseline),
+        cells=cells,
+        comparisons=_comparisons(data.get("comparisons"), f"{path}: comparisons", cells),
     )
     for owned in RUNNER_OWNED:
         if any(o.partition("=")[0].strip() == owned for o in grid.overrides):
@@ -483,6 +510,17 @@ def summarize(grid: Grid, results: dict[tuple[str, int], dict[str, Any]]) -> dic
             METRIC: scores,
             "vs_baseline": vs,
         }
+    comparisons = [
+        {
+            "cell": cell,
+            "versus": other,
+            "difference": {
+                column: paired_difference(per_seed[cell][column], per_seed[other][column])
+                for column in columns
+            },
+        }
+        for cell, other in grid.comparisons
+    ]
     total = len(grid.cells) * len(grid.training_seeds)
     return {
         "grid": str(grid.path),
@@ -506,6 +544,7 @@ def summarize(grid: Grid, results: dict[tuple[str, int], dict[str, Any]]) -> dic
             for key in sorted(results, key=lambda k: (_cell_index(grid, k[0]), k[1]))
         ],
         "cells": cells,
+        "comparisons": comparisons,
     }
 
 
@@ -520,15 +559,12 @@ def _mean_std_text(score: dict[str, Any]) -> str:
     return f"{score['mean']:.2f} ± {std}"
 
 
-def _difference_text(name: str, cell: dict[str, Any]) -> str:
-    if cell["baseline"] == name:
-        return "baseline"
-    diff = cell["vs_baseline"][AVG]
+def _difference_text(diff: dict[str, Any], versus: str) -> str:
     if diff["mean"] is None:
         return f"– ({diff['why']})"
     if diff["low"] is None:
-        return f"{diff['mean']:+.2f} [n/a: {diff['why']}] vs {cell['baseline']}"
-    return f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}] vs {cell['baseline']}"
+        return f"{diff['mean']:+.2f} [n/a: {diff['why']}] vs {versus}"
+    return f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}] vs {versus}"
 
 
 def results_markdown(document: dict[str, Any]) -> str:
@@ -557,7 +593,24 @@ def results_markdown(document: dict[str, Any]) -> str:
     ]
     for name, cell in document["cells"].items():
         values = " | ".join(_mean_std_text(cell[METRIC][c]) for c in columns)
-        lines.append(f"| {name} | {cell['n']} | {values} | {_difference_text(name, cell)} |")
+        versus = (
+            "baseline"
+            if cell["baseline"] == name
+            else _difference_text(cell["vs_baseline"][AVG], cell["baseline"])
+        )
+        lines.append(f"| {name} | {cell['n']} | {values} | {versus} |")
+    if document.get("comparisons"):
+        lines += [
+            "",
+            "Other paired differences (the grid's `comparisons`), same interval:",
+            "",
+            "| cell | Δ [95 % CI] |",
+            "|---|---|",
+            *(
+                f"| {c['cell']} | {_difference_text(c['difference'][AVG], c['versus'])} |"
+                for c in document["comparisons"]
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

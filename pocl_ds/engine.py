@@ -28,6 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # rest is left to the KV cache, the logits and whatever else runs while it is gathered.
 GATHER_MEMORY_SHARE = 0.5
 _per_layer_logged = False  # the per-layer fallback is logged at INFO once per process
+# Modules a ``gathered_for_generation`` block holds whole now: a nested block reuses them.
+_held_whole: set[int] = set()
 
 
 def resolve_ds_config_path(path: str) -> Path:
@@ -326,7 +328,15 @@ def gathered_for_generation(
     on exit the parameters are partitioned again. Otherwise (or for a model that is not
     partitioned) the block runs as it is and yields False: ZeRO-3 gathers layer by layer in
     every forward, a collective. Inference only: nothing may change the parameters inside.
+
+    Blocks nest: inside a block that holds ``module`` whole, another yields True at once (no
+    second gather, no collective) and leaves it whole on exit, so a caller that generates
+    several times with the same weights (an evaluation's sampling seeds and suites) gathers
+    once for all of them.
     """
+    if id(module) in _held_whole:
+        yield True
+        return
     params, in_flight = _partitioned_parameters(module)
     if not params and not in_flight:
         yield False
@@ -355,7 +365,11 @@ def gathered_for_generation(
         deepspeed.zero.GatheredParameters(params, modifier_rank=None),
         _deepspeed_hooks_set_aside(module),
     ):
-        yield True
+        _held_whole.add(id(module))
+        try:
+            yield True
+        finally:
+            _held_whole.discard(id(module))
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -29,6 +29,7 @@ from torch import nn
 
 from pocl_ds import atomic, distributed
 from pocl_ds.data import IGNORE_INDEX, TokenizedSample, collate_for_training, prompt_bos
+from pocl_ds.engine import gathered_for_generation
 from pocl_ds.errors import PoclError
 from pocl_ds.generation import distributed_generate
 from pocl_ds.metrics import exact_match, rouge_l
@@ -215,38 +216,56 @@ def evaluate_model(
     positions = _model_positions(model, name=name, max_total_length=max_total_length)
     room = {"max_prompt_length": max_prompt_length, "max_new_tokens": max_new_tokens}
     fitted_prompt_length = prompt_limit(positions, max_total_length=max_total_length, **room)
-    for suite, samples in suites.items():
-        if not samples:
-            raise PoclError(f"evaluation suite {suite!r} has no samples")
-        texts = [sample.prompt for sample in samples]
-        prompt_ids, cut = encode_prompts(tokenizer, texts, max_prompt_length=fitted_prompt_length)
-        if cut:
-            logger.info(
-                f"{name} on {suite}: {cut} of {len(texts)} prompts cut from the left to "
-                f"{fitted_prompt_length} tokens (max_prompt_length {max_prompt_length}, "
-                f"{positions} model positions)"
+    generation = dict(
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        max_new_tokens=max_total_length if max_new_tokens is None else max_new_tokens,
+        max_total_length=max_total_length,
+        batch_size=batch_size,
+        greedy=greedy,
+        vocab_size=len(tokenizer),
+        synced_gpus=synced_gpus,
+        progress=progress,
+    )
+    # The weights stay the same through every suite and seed: a ZeRO-3 model is gathered
+    # whole once for all of them (when it fits), not once per generate call.
+    with gathered_for_generation(unwrap_model(model)):
+        for suite, samples in suites.items():
+            prompt_ids, cut = _suite_prompts(
+                tokenizer, samples, f"{name} on {suite}", fitted_prompt_length, positions, room
             )
-        scores = SuiteScores(name, suite, len(samples), rouge_l={}, exact_match={}, prompts_cut=cut)
-        for seed in run_seeds:
-            tokens = distributed_generate(
-                model,
-                prompt_ids,
-                pad_id=tokenizer.pad_token_id,
-                eos_id=tokenizer.eos_token_id,
-                max_new_tokens=max_total_length if max_new_tokens is None else max_new_tokens,
-                max_total_length=max_total_length,
-                batch_size=batch_size,
-                greedy=greedy,
-                seed=seed,
-                vocab_size=len(tokenizer),
-                synced_gpus=synced_gpus,
-                progress=progress,
-                desc=f"{name} {suite} seed {seed}",
+            scores = SuiteScores(
+                name, suite, len(samples), rouge_l={}, exact_match={}, prompts_cut=cut
             )
-            outputs = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-            report.generations.extend(_score_seed(scores, seed, samples, outputs))
-        report.scores.append(scores)
+            for seed in run_seeds:
+                tokens = distributed_generate(
+                    model, prompt_ids, seed=seed, desc=f"{name} {suite} seed {seed}", **generation
+                )
+                outputs = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+                report.generations.extend(_score_seed(scores, seed, samples, outputs))
+            report.scores.append(scores)
     return report
+
+
+def _suite_prompts(
+    tokenizer: Any,
+    samples: Sequence[Any],
+    where: str,
+    fitted_prompt_length: int | None,
+    positions: int | None,
+    room: Mapping[str, int | None],
+) -> tuple[list[list[int]], int]:
+    """A suite's prompts as token ids, cut from the left to ``fitted_prompt_length`` (logged),
+    and how many were cut."""
+    texts = [sample.prompt for sample in samples]
+    prompt_ids, cut = encode_prompts(tokenizer, texts, max_prompt_length=fitted_prompt_length)
+    if cut:
+        logger.info(
+            f"{where}: {cut} of {len(texts)} prompts cut from the left to "
+            f"{fitted_prompt_length} tokens (max_prompt_length {room['max_prompt_length']}, "
+            f"{positions} model positions)"
+        )
+    return prompt_ids, cut
 
 
 def _check_inputs(
@@ -257,6 +276,9 @@ def _check_inputs(
         raise PoclError("evaluation needs at least one seed (e.g. --seeds 10 20 30 40 50)")
     if not suites:
         raise PoclError("evaluation needs at least one suite (e.g. --data dolly.jsonl)")
+    empty = [name for name, samples in suites.items() if not samples]
+    if empty:  # before any generation: a late suite must not fail after the early ones ran
+        raise PoclError(f"evaluation suite {empty[0]!r} has no samples")
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise PoclError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} needs EOS and PAD tokens; "

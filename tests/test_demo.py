@@ -99,6 +99,24 @@ def test_quick_demo_writes_table_and_plots(tmp_path):
     for held_out in ("valid", "test"):
         assert not trained & {r["prompt"] for r in splits[held_out]}, held_out
     assert {r["category"] for r in splits["train"]} == {"reverse", "sort", "lookup"}
+    # Generation may write every answer in full: a budget shorter than the longest answer
+    # would cap the scores of the longest tasks and fake a difficulty gradient.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "teacher_base" / "final")
+    longest = max(
+        len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1  # and the EOS
+        for records in splits.values()
+        for record in records
+        for answer in record["output"]
+    )
+    budgets = (
+        student["eval"]["max_new_tokens"],
+        yaml.safe_load((out / "kd_pocl" / "seed1" / "config.yaml").read_text())["curriculum"][
+            "difficulty_max_new_tokens"
+        ],
+    )
+    assert min(budgets) >= longest, (budgets, longest)
 
     for png in (
         "rouge_l_by_method.png",

@@ -115,6 +115,7 @@ def test_shipped_grids_cover_the_paper_ablations():
     assert cells["temperature"] == ["kd", "t1_to_2", "t1_fixed", "t2_fixed", "t2_to_1"]
     assert cells["alpha"] == ["kd", "a03_to_0", "a0_to_03", "a0_fixed"]
     assert "continuous_E2" in cells["restart"]
+    assert ("continuous_E2", "kd_E2") in load_grid(GRIDS / "restart.yaml").comparisons
 
 
 def test_dolly_grid_names_the_shared_data_through_the_environment(tmp_path, monkeypatch):
@@ -157,6 +158,8 @@ def test_a_grid_for_choosing_settings_refuses_test_scores(tmp_path):
         ),
         ({"quick": ["train.max_steps=0"]}, "cell 'kd': train.max_steps: got 0"),
         ({"overrides": ["data.train_path=${NO_SUCH_VARIABLE}/x"]}, "unset variable"),
+        ({"comparisons": [["kd_pocl", "sft"]]}, "comparisons[0]: 'sft' is not a cell"),
+        ({"comparisons": [["kd", "kd"]]}, "comparisons[0]: expected [cell, other cell]"),
     ],
 )
 def test_bad_grids_fail_naming_the_key(tmp_path, changes, message):
@@ -241,6 +244,32 @@ def test_results_hold_every_run_the_cell_spread_and_the_paired_interval(tmp_path
     table = results_markdown(document)
     assert "| kd_pocl | 3 | 13.67 ± 2.52 | +2.00 [-0.48, +4.48] vs kd |" in table
     assert "| kd | 3 | 11.67 ± 1.53 | baseline |" in table
+
+
+def test_comparisons_add_paired_differences_beside_the_baseline(tmp_path):
+    """A third cell whose baseline is kd_pocl, compared with kd as well: both differences."""
+    cells = [
+        {"name": "kd", "overrides": []},
+        {"name": "kd_pocl", "overrides": ["curriculum.strategy=pocl"]},
+        {"name": "variant", "overrides": ["curriculum.strategy=pocl"], "baseline": "kd_pocl"},
+    ]
+    grid = load_grid(write_grid(tmp_path, tiny_grid(cells=cells, comparisons=[["variant", "kd"]])))
+    scores = {"kd": (10.0, 12.0, 13.0), "kd_pocl": (9.0, 9.0, 9.0), "variant": (14.0, 13.0, 17.0)}
+    results = {
+        (cell, seed): fake_result(cell, seed, values[seed - 1])
+        for cell, values in scores.items()
+        for seed in (1, 2, 3)
+    }
+    document = json.loads(json.dumps(summarize(grid, results)))
+    assert document["cells"]["variant"]["vs_baseline"]["avg"]["mean"] == pytest.approx(17 / 3)
+    [comparison] = document["comparisons"]
+    assert (comparison["cell"], comparison["versus"]) == ("variant", "kd")
+    diff = comparison["difference"]["avg"]
+    assert diff["per_seed"] == {"1": 4.0, "2": 1.0, "3": 4.0}
+    assert (diff["low"], diff["high"]) == pytest.approx((3 - 4.303, 3 + 4.303), abs=1e-3)
+    table = results_markdown(document)
+    assert "| variant | +3.00 [-1.30, +7.30] vs kd |" in table
+    assert "Other paired differences" not in results_markdown({**document, "comparisons": []})
 
 
 def test_results_with_one_seed_have_no_interval_and_say_why(tmp_path):

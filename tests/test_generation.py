@@ -423,6 +423,30 @@ def _train_step(engine) -> float:
     return float(loss.detach())
 
 
+def _nested_gathers(engine, probe, own_prompts) -> dict:
+    """Generation inside an outer gather (as an evaluation runs its seeds): the inner block
+    reuses the whole weights (same storage, no second gather) and leaves them whole, and the
+    outputs and forwards are those of a call that gathered for itself."""
+    from pocl_ds.engine import gathered_for_generation
+
+    weight = engine.module.transformer.wte.weight
+    with gathered_for_generation(engine.module) as outer:
+        storage = weight.data_ptr()
+        with gathered_for_generation(engine.module) as inner:
+            reused = inner and weight.data_ptr() == storage
+        still_whole = weight.numel() > 0
+        own = generate(engine, own_prompts, synced_gpus=True, **DIST_KWARGS)
+        whole = probe.take()
+    return {
+        "outer": outer,
+        "reused": reused,
+        "still_whole": still_whole,
+        "own": own,
+        "own_whole": whole,
+        "partitioned_after": weight.numel() == 0,
+    }
+
+
 def _zero3_worker(out_dir: str) -> None:
     from pocl_ds.distributed import init_distributed
 
@@ -441,6 +465,7 @@ def _zero3_worker(out_dir: str) -> None:
         gather = {} if name == "default" else {"gather_budget_bytes": budget}
         results[f"zero3_{name}"] = _zero3_runs(zero3, probe, own_prompts, **gather)
     results["partitioned_after"] = zero3.module.transformer.wte.weight.numel() == 0
+    results["nested"] = _nested_gathers(zero3, probe, own_prompts)
     # DeepSpeed's hooks are back: a training step runs as ZeRO-1's does, and afterwards both
     # paths still agree on the new weights.
     results["losses"] = [_train_step(zero1), _train_step(zero3)]
@@ -478,6 +503,11 @@ def test_zero3_gathers_the_model_once_when_it_fits(tmp_path):
             assert runs["own"] == ranked["zero1_own"], name
             assert set(runs["greedy_whole"]) == set(runs["own_whole"]) == {gathered}, name
         assert ranked["partitioned_after"]
+        nested = ranked["nested"]
+        assert nested["outer"] and nested["reused"] and nested["still_whole"]
+        assert nested["own"] == ranked["zero1_own"]
+        assert nested["own_whole"] == ranked["zero3_default"]["own_whole"]  # no dummy forwards
+        assert nested["partitioned_after"]
         assert ranked["losses"][1] == pytest.approx(ranked["losses"][0], rel=1e-6)
         (gathered, whole), (layered, never_whole) = ranked["after_step"]
         assert gathered == layered and set(whole) == {True} and set(never_whole) == {False}
