@@ -232,7 +232,12 @@ def evaluate_model(
     with gathered_for_generation(unwrap_model(model)):
         for suite, samples in suites.items():
             prompt_ids, cut = _suite_prompts(
-                tokenizer, samples, f"{name} on {suite}", fitted_prompt_length, positions, room
+                tokenizer,
+                samples,
+                f"{name} on {suite}",
+                fitted_prompt_length,
+                positions,
+                max_prompt_length,
             )
             scores = SuiteScores(
                 name, suite, len(samples), rouge_l={}, exact_match={}, prompts_cut=cut
@@ -253,7 +258,7 @@ def _suite_prompts(
     where: str,
     fitted_prompt_length: int | None,
     positions: int | None,
-    room: Mapping[str, int | None],
+    max_prompt_length: int | None,
 ) -> tuple[list[list[int]], int]:
     """A suite's prompts as token ids, cut from the left to ``fitted_prompt_length`` (logged),
     and how many were cut."""
@@ -262,7 +267,7 @@ def _suite_prompts(
     if cut:
         logger.info(
             f"{where}: {cut} of {len(texts)} prompts cut from the left to "
-            f"{fitted_prompt_length} tokens (max_prompt_length {room['max_prompt_length']}, "
+            f"{fitted_prompt_length} tokens (max_prompt_length {max_prompt_length}, "
             f"{positions} model positions)"
         )
     return prompt_ids, cut
