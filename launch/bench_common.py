@@ -86,12 +86,29 @@ def append_rows(
     fields: Sequence[str],
     directory: str | Path = BENCH_DIR,
 ) -> Path:
-    """Append ``rows`` to ``<directory>/<name>.csv`` (header written once)."""
+    """Append ``rows`` to ``<directory>/<name>.csv`` (header written once).
+
+    A benchmark that gained columns since the file was started rewrites it once with the
+    wider header (earlier rows get those columns empty; a column it dropped is kept), so the
+    history stays readable rather than shifting under a header that no longer matches."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     path = Path(directory) / f"{name}.csv"
-    new_file = not path.exists()
+    fields = list(fields)
+    if path.exists():
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header, earlier = list(reader.fieldnames or []), list(reader)
+        if header and header != fields:
+            fields += [f for f in header if f not in fields]
+            with path.open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(earlier)
+        elif header:
+            fields = header
+    new_file = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(fields), extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         if new_file:
             writer.writeheader()
         writer.writerows(rows)

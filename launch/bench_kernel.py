@@ -1,6 +1,6 @@
 """The fused divergence kernel against naive PyTorch, Liger-Kernel and the matmul floor.
 
-    python launch/bench_kernel.py [--n 1024 4096] [--kinds jsd fkl] [--repeats 3] [--quick]
+    python launch/bench_kernel.py [--n 1024 4096] [--kinds jsd fkl] [--repeats 5] [--quick]
     python launch/bench.py kernel [--quick] ...   (the same, through the dispatcher)
 
 For each N and kind, forward + backward of the KD loss over N tokens with hidden size H and
@@ -18,13 +18,15 @@ vocabulary V (student and teacher heads both [V, H]; every token valid):
 Each case runs in a fresh subprocess. Peak memory is the rise of resident memory (VmHWM)
 over what the inputs already use, with glibc told to map every block of 1 MiB or more
 directly so that freed tensors leave RSS at once (on CUDA: max_memory_allocated). The time
-is the median of --repeats runs (after one untimed run for compiled cases); each case also
-times --repeats floor runs in its own process just before, and "× floor" divides by their
-median, so load from other jobs on a shared machine shifts both alike. Rows go to benchmarks/kernel.csv
-(machine, versions, commit, sizes), one per case as it finishes; the table of this run is
-printed and written to benchmarks/kernel.md, followed by a PASS or FAIL line per target:
-fused ≤ 1.10× floor for jsd and ≤ 1.20× for every other kind, fused_labels ≤ 1.20×, and the
-fused peaks ≤ 1/8 of naive's.
+is the median of --repeats runs (after one untimed run for compiled cases). Each case times
+as many floor runs in its own process, alternating with its own (floor, case, floor, case,
+...), and "× floor" is the median over repeats of case time / the floor time just before it:
+load from other jobs on a shared machine, which drifts over seconds, then shifts both halves
+of a pair alike (with the floor runs all first, the 2-core machine gave the same case
+0.98× and 1.27× in two runs). Rows go to benchmarks/kernel.csv (machine, versions, commit,
+sizes), one per case as it finishes; the table of this run, followed by a PASS or FAIL line
+per target, is printed and written to benchmarks/kernel.md: fused ≤ 1.10× floor for jsd and
+≤ 1.20× for every other kind, fused_labels ≤ 1.20×, and the fused peaks ≤ 1/8 of naive's.
 """
 
 import argparse
@@ -62,7 +64,7 @@ MEMORY_TARGET = 1 / 8  # of naive's peak
 FIELDS = [
     "timestamp", "commit", "machine", "device", "torch", "liger", "dtype", "impl", "kind",
     "n", "hidden", "vocab", "chunk_size", "threads", "repeats", "median_s", "min_s",
-    "floor_s", "peak_extra_mb", "status",
+    "floor_s", "x_floor", "peak_extra_mb", "status",
 ]  # fmt: skip
 
 
@@ -212,20 +214,18 @@ def run_case(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    # The machine may be shared: floor runs in this process, just before the case, give a
-    # time ratio that load changes between cases do not distort. As many as the case's own
-    # runs, and their median: a single floor run is a cold one (first touch of its buffers)
-    # and would flatter the ratio.
-    floor_run, _ = _case_runner({**spec, "impl": "floor"}, inputs)
-    floor_times = []
-    for _ in range(spec["repeats"]):
+    def timed(run) -> float:
         sync()
         start = time.perf_counter()
-        floor_run()
+        run()
         sync()
-        floor_times.append(time.perf_counter() - start)
-    floor_s = statistics.median(floor_times)
-    del floor_run
+        return time.perf_counter() - start
+
+    # The machine may be shared: each case run is paired with a floor run just before it in
+    # this process, so load that drifts between and within cases shifts both alike. One warm
+    # floor run first: the first touches its buffers and would flatter the ratio.
+    floor_run, _ = _case_runner({**spec, "impl": "floor"}, inputs)
+    floor_run()
     run, params = _case_runner(spec, inputs)
 
     if spec["impl"] == "liger_compiled":
@@ -240,15 +240,12 @@ def run_case(spec: dict) -> dict:
         baseline = rss_mb("VmRSS")
         if not reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
-    times = []
+    floor_times, times = [], []
     for _ in range(spec["repeats"]):
+        floor_times.append(timed(floor_run))  # its buffers predate the baseline: no new peak
         for p in params:
             p.grad = None
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
+        times.append(timed(run))
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20
     else:
@@ -256,7 +253,8 @@ def run_case(spec: dict) -> dict:
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
-        "floor_s": floor_s,
+        "floor_s": statistics.median(floor_times),
+        "x_floor": statistics.median(t / f for t, f in zip(times, floor_times, strict=True)),
         "peak_extra_mb": peak,
     }
 
@@ -286,7 +284,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per case, each paired with a floor run"
+    )
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -340,9 +340,9 @@ def _markdown(rows: list[dict]) -> str:
         f"chunk {first['chunk_size']}; {first['machine']} ({first['device']}), torch "
         f"{first['torch']}, liger-kernel {first['liger'] or 'not installed'}, commit "
         f"{first['commit']}; median of {first['repeats']}. Peak = extra resident memory over "
-        "the inputs. × floor: time / the four chunked matmuls alone (median of as many runs), "
-        "run in the same process just before the case (the floor row: its own median); × naive memory: peak / naive's "
-        "of the same kind.",
+        "the inputs. × floor: the median over the case's runs of its time / that of the four "
+        "chunked matmuls alone, run in the same process just before it (floor: its own "
+        "median); × naive memory: peak / naive's of the same kind.",
         "",
         "| N | kind | impl | time (s) | floor (s) | × floor | peak extra (MB) | × naive memory |",
         "|---:|:---|:---|---:|---:|---:|---:|---:|",
@@ -356,7 +356,7 @@ def _markdown(rows: list[dict]) -> str:
         time_s, peak = float(r["median_s"]), float(r["peak_extra_mb"])
         floor = float(r["floor_s"]) if r["impl"] != "floor" else time_s
         naive = naive_mb.get((r["n"], r["kind"]))
-        x_floor = f"{time_s / floor:.2f}" if floor else ""
+        x_floor = f"{_times_floor(r):.2f}" if floor else ""
         x_naive = f"{peak / naive:.3f}" if naive and r["impl"] != "floor" else ""
         lines.append(
             f"| {r['n']} | {r['kind']} | {r['impl']} | {time_s:.2f} | {floor:.2f} | {x_floor} "
@@ -364,6 +364,17 @@ def _markdown(rows: list[dict]) -> str:
             f"| {x_naive} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _times_floor(row: dict) -> float:
+    """The case's time over the floor's: the median of paired ratios (for the floor row, floor
+    runs against floor runs: how far two alike runs differ here), or for rows written before
+    the pairing the ratio of the two medians."""
+    if row.get("x_floor"):
+        return float(row["x_floor"])
+    if row["impl"] == "floor":
+        return 1.0
+    return float(row["median_s"]) / float(row["floor_s"])
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -375,7 +386,7 @@ def verdicts(rows: list[dict]) -> list[str]:
         if r["impl"] not in FLOOR_TARGETS:
             continue
         target = FLOOR_TARGETS[r["impl"]].get(r["kind"], DEFAULT_FLOOR_TARGET)
-        ratio = float(r["median_s"]) / float(r["floor_s"])
+        ratio = _times_floor(r)
         where = f"N={r['n']} {r['kind']} {r['impl']}"
         lines.append(
             f"{'PASS' if ratio <= target else 'FAIL'} {where}: {ratio:.2f}x floor (target <= {target:.2f}x)"
@@ -409,16 +420,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"N={spec['n']} {spec['kind']} {spec['impl']} ...\n")
         sys.stderr.flush()
         result = run_case_in_subprocess(__file__, spec, timeout=args.timeout)
-        row = {**shared, **spec, "median_s": "", "min_s": "", "floor_s": "", "peak_extra_mb": ""}
+        row = {**shared, **spec, "median_s": "", "min_s": "", "floor_s": "", "x_floor": ""}
+        row["peak_extra_mb"] = ""
         row.update(result)
         row["device"] = args.device
         rows.append({k: row[k] for k in FIELDS})
         # written case by case, so an interrupted run keeps what it measured
         append_rows("kernel", rows[-1:], FIELDS, args.output_dir)
-        write_table("kernel", _markdown(rows), args.output_dir)
-    print(_markdown(rows))
-    print("\n".join(verdicts(rows)))
+        write_table("kernel", _report(rows), args.output_dir)
+    print(_report(rows))
     return 0
+
+
+def _report(rows: list[dict]) -> str:
+    """The table and, below it, the PASS/FAIL line of every target measured."""
+    return _markdown(rows) + "\n" + "".join(f"{line}\n" for line in verdicts(rows))
 
 
 if __name__ == "__main__":

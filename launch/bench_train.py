@@ -31,9 +31,10 @@ with the loss, ``engine.backward``, ``engine.step``); per step the slowest rank'
 phase counts, and the median over steps is reported. Generation is a batched
 ``pocl_ds.generation.generate`` of the trained student (one 16-token prompt per micro-batch row,
 ``--new-tokens`` new tokens), the median of 5 calls (slowest rank), the same for both. Under
-ZeRO-3 each call gathers the student whole once when it fits, as a training run's generation
-does. Where ZeRO-1 and ZeRO-3 both ran, a PASS/FAIL line compares their generate rates
-(target: ZeRO-3 >= 0.5x ZeRO-1).
+ZeRO-3 each call gathers the student whole once when it fits, as on-policy training's
+generation does (new weights every step); a second column times 5 calls inside one gather, as
+evaluation and difficulty scoring run them. Where ZeRO-1 and ZeRO-3 both ran, a PASS/FAIL line
+per column compares their generate rates (target: ZeRO-3 >= 0.5x ZeRO-1).
 
 Then the teacher-cache case runs (``launch/bench_teacher_cache.py``: the step after the first
 epoch with and without ``distill.teacher_cache``, its own table; ``--no-cache-case`` skips it).
@@ -99,15 +100,22 @@ TEMPERATURE = 2.0
 SFT_WEIGHT = 0.5
 PROMPT_TOKENS = 16
 # Generation is timed this many times (each call gathers a ZeRO-3 student anew); the median
-# counts, so one descheduled call on a shared CPU does not decide the ZeRO-3 verdict.
+# counts, so one descheduled call on a shared CPU does not decide the ZeRO-3 verdict. Then as
+# many calls run inside one gather, as an evaluation's seeds and suites and difficulty scoring's
+# batches do; on-policy training (new weights every step) is the gather-per-call column.
 GENERATE_REPEATS = 5
+# (CSV field prefix, what the column measures) for the two generation columns
+GENERATION_COLUMNS = {
+    "generate": "one gather per call (on-policy training)",
+    "generate_held": f"{GENERATE_REPEATS} calls in one gather (evaluation, difficulty scoring)",
+}
 PHASES = ("teacher_fwd_s", "student_fwd_s", "student_bwd_s", "optimizer_s", "step_s")
 FIELDS = [
     "timestamp", "commit", "machine", "device", "torch", "deepspeed", "transformers", "model",
     "teacher", "student", "vocab", "batch", "seq", "prompt_fraction", "impl", "zero", "ranks",
     "threads", "chunk_size", "kind", "temperature", "sft_weight", "warmup", "steps", "new_tokens",
     *PHASES, "steps_per_s", "tokens_per_s", "generate_s", "generate_tokens_per_s",
-    "peak_extra_mb", "baseline_mb", "first_loss", "status",
+    "generate_held_s", "generate_held_tokens_per_s", "peak_extra_mb", "baseline_mb", "first_loss", "status",
 ]  # fmt: skip
 
 
@@ -437,12 +445,52 @@ def _timed_steps(trainer, timer: PhaseTimer) -> tuple[list[list[float]], list[fl
     return times, losses
 
 
+def _timed_generation(trainer, spec: dict, info) -> tuple[float, float]:
+    """Seconds per generate call of the trained student, slowest rank: the median of
+    ``GENERATE_REPEATS`` calls that each gather a ZeRO-3 student for themselves, then the
+    mean of as many calls inside one gather (the gather included)."""
+    import torch
+
+    from pocl_ds import distributed
+    from pocl_ds.engine import gathered_for_generation
+    from pocl_ds.generation import generate
+
+    model = trainer.engine.module.model
+    gen = torch.Generator().manual_seed(2000 + info.rank)
+    prompts = torch.randint(
+        0, spec.get("vocab", VOCAB), (spec["batch"], PROMPT_TOKENS), generator=gen
+    ).tolist()
+    generate_call = functools.partial(
+        generate,
+        model,
+        prompts,
+        pad_id=trainer.run_parts.pad_id,
+        eos_id=None,  # every row generates all --new-tokens: the same work for both
+        max_new_tokens=spec["new_tokens"],
+        batch_size=spec["batch"],
+        synced_gpus=trainer.run_parts.zero3 and info.world_size > 1,
+        progress=False,
+    )
+    per_call = []
+    for _ in range(GENERATE_REPEATS):
+        distributed.barrier()
+        start = time.perf_counter()
+        generate_call()
+        per_call += _max_over_ranks([time.perf_counter() - start])
+    distributed.barrier()
+    start = time.perf_counter()
+    with torch.no_grad(), gathered_for_generation(model):
+        for _ in range(GENERATE_REPEATS):
+            generate_call()
+    (held,) = _max_over_ranks([(time.perf_counter() - start) / GENERATE_REPEATS])
+    return statistics.median(per_call), held
+
+
 def run_case(spec: dict) -> dict | None:
     """Build and time one case on this rank; rank 0 returns the results, the others None."""
     import torch
 
     from pocl_ds import distributed
-    from pocl_ds.generation import generate
     from pocl_ds.trainer import Trainer
 
     torch.set_num_threads(spec["threads"])
@@ -473,39 +521,21 @@ def run_case(spec: dict) -> dict | None:
             peak = rss_mb("VmHWM") - baseline
         peak, baseline = _max_over_ranks([peak, baseline])
 
-        gen = torch.Generator().manual_seed(2000 + info.rank)
-        prompts = torch.randint(
-            0, spec.get("vocab", VOCAB), (spec["batch"], PROMPT_TOKENS), generator=gen
-        ).tolist()
-        generate_times = []
-        for _ in range(GENERATE_REPEATS):
-            distributed.barrier()
-            start = time.perf_counter()
-            generate(
-                engine.module.model,
-                prompts,
-                pad_id=trainer.run_parts.pad_id,
-                eos_id=None,  # every row generates all --new-tokens: the same work for both
-                max_new_tokens=spec["new_tokens"],
-                batch_size=spec["batch"],
-                synced_gpus=trainer.run_parts.zero3 and info.world_size > 1,
-                progress=False,
-            )
-            generate_times += _max_over_ranks([time.perf_counter() - start])
-        generate_s = statistics.median(generate_times)
+        generate_s, generate_held_s = _timed_generation(trainer, spec, info)
     if info.rank != 0:
         return None
     timed = times[spec["warmup"] :]
     medians = {name: statistics.median(t[i] for t in timed) for i, name in enumerate(PHASES)}
     tokens = info.world_size * spec["batch"] * spec["seq"]
+    new_tokens = info.world_size * spec["batch"] * spec["new_tokens"]
     return {
         **{name: round(value, 4) for name, value in medians.items()},
         "steps_per_s": round(1.0 / medians["step_s"], 4),
         "tokens_per_s": round(tokens / medians["step_s"], 1),
         "generate_s": round(generate_s, 4),
-        "generate_tokens_per_s": round(
-            info.world_size * spec["batch"] * spec["new_tokens"] / generate_s, 1
-        ),
+        "generate_tokens_per_s": round(new_tokens / generate_s, 1),
+        "generate_held_s": round(generate_held_s, 4),
+        "generate_held_tokens_per_s": round(new_tokens / generate_held_s, 1),
         "peak_extra_mb": round(peak, 1),
         "baseline_mb": round(baseline, 1),
         "first_loss": losses[0],
@@ -606,12 +636,19 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def _generation_verdicts(rows: list[dict]) -> list[str]:
-    """ZeRO-3's generate rate against ZeRO-1's for the same pair, ranks and module; no line
-    when no run has both stages."""
-    ok = [r for r in rows if r["status"] == "ok"]
+    """Per generation column, ZeRO-3's rate against ZeRO-1's for the same pair, ranks and
+    module; no line for a column no run has under both stages (older rows lack the held one)."""
+    lines = []
+    for field, what in GENERATION_COLUMNS.items():
+        lines += _generation_verdict(rows, f"{field}_tokens_per_s", what)
+    return lines
+
+
+def _generation_verdict(rows: list[dict], field: str, what: str) -> list[str]:
+    ok = [r for r in rows if r["status"] == "ok" and r.get(field)]
     zero1 = {(r["model"], r["ranks"], r["impl"]): r for r in ok if r["zero"] == "1"}
     ratios = [
-        (float(r["generate_tokens_per_s"]) / float(zero1[key]["generate_tokens_per_s"]), r)
+        (float(r[field]) / float(zero1[key][field]), r)
         for r in ok
         if r["zero"] == "3" and (key := (r["model"], r["ranks"], r["impl"])) in zero1
     ]
@@ -625,7 +662,7 @@ def _generation_verdicts(rows: list[dict]) -> list[str]:
 
     return [
         f"{'FAIL' if failed else 'PASS'} ZeRO-3 generation >= {GENERATION_TARGET}x the ZeRO-1 "
-        f"rate: {len(ratios) - len(failed)}/{len(ratios)} configurations (worst "
+        f"rate, {what}: {len(ratios) - len(failed)}/{len(ratios)} configurations (worst "
         f"{worst_ratio:.2f}x, {name(worst)})"
         + (f"; failing: {', '.join(name(r) for r in failed)}" if failed else "")
     ]
@@ -689,18 +726,20 @@ def markdown(rows: list[dict]) -> str:
         f"row by {first['new_tokens']} tokens on every rank, median of {GENERATE_REPEATS} "
         "calls, slowest rank; new tokens/s over all ranks; "
         "under ZeRO-3 the student is gathered whole once per call when it fits "
-        "(pocl_ds.engine.gathered_for_generation).",
+        "(pocl_ds.engine.gathered_for_generation). Generate, one gather: the mean of "
+        f"{GENERATE_REPEATS} such calls inside one gather, as evaluation and difficulty "
+        "scoring run them.",
         "",
         "| model | ZeRO | ranks | impl | steps/s | tokens/s | × naive steps/s | teacher fwd (s) "
         "| student fwd (s) | backward (s) | optimizer (s) | peak/rank (MB) | × naive memory "
-        "| generate |",
-        "|:---|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| generate | generate, one gather |",
+        "|:---|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     naive = {_config_key(r): r for r in rows if r["impl"] == "naive" and r["status"] == "ok"}
     for r in rows:
         head = f"| {r['model']} | {r['zero']} | {r['ranks']} | {r['impl']} "
         if r["status"] != "ok":
-            lines.append(head + f"| {r['status']} |" + " |" * 11)
+            lines.append(head + f"| {r['status']} |" + " |" * 12)
             continue
         ref = naive.get(_config_key(r))
         x_speed = x_memory = ""
@@ -712,9 +751,16 @@ def markdown(rows: list[dict]) -> str:
             f"| {float(r['teacher_fwd_s']):.3f} | {float(r['student_fwd_s']):.3f} "
             f"| {float(r['student_bwd_s']):.3f} | {float(r['optimizer_s']):.3f} "
             f"| {float(r['peak_extra_mb']):.0f} | {x_memory} "
-            f"| {float(r['generate_s']):.2f} s, {float(r['generate_tokens_per_s']):.0f} tok/s |"
+            + "".join(f"| {_generation_cell(r, field)} " for field in GENERATION_COLUMNS)
+            + "|"
         )
     return "\n".join(lines) + "\n\n" + "\n".join(verdicts(rows)) + "\n"
+
+
+def _generation_cell(row: dict, field: str) -> str:
+    if not row.get(f"{field}_s"):
+        return ""  # a row from before the column existed
+    return f"{float(row[f'{field}_s']):.2f} s, {float(row[f'{field}_tokens_per_s']):.0f} tok/s"
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -38,17 +38,35 @@ def test_verdicts_name_the_configuration_that_misses_a_target():
 
 
 def test_generation_verdict_compares_zero3_with_zero1_of_the_same_configuration():
-    def gen_row(model: str, zero: str, rate: float) -> dict:
+    def gen_row(model: str, zero: str, rate: float, held: float | None = None) -> dict:
         return {**_row(model, "fused", 1.0, 1.0, 1.0), "zero": zero,
-                "generate_tokens_per_s": str(rate)}  # fmt: skip
+                "generate_tokens_per_s": str(rate),
+                "generate_held_tokens_per_s": "" if held is None else str(held)}  # fmt: skip
 
     rows = [gen_row("tiny", "1", 1000.0), gen_row("tiny", "3", 600.0)]
-    line = bench_train.verdicts(rows)[-1]
+    # after the one step line (no naive rows here); none for the held column these rows lack
+    (line,) = bench_train.verdicts(rows)[1:]
     assert line.startswith("PASS ZeRO-3 generation >= 0.5x") and "worst 0.60x" in line
-    rows += [gen_row("small", "1", 400.0), gen_row("small", "3", 100.0), gen_row("big", "3", 1.0)]
-    line = bench_train.verdicts(rows)[-1]
-    assert line.startswith("FAIL") and "1/2 configurations" in line
-    assert line.endswith("failing: small 1 rank(s) fused")
+    assert "one gather per call" in line
+    rows += [gen_row("small", "1", 400.0, 500.0), gen_row("small", "3", 100.0, 400.0)]
+    rows += [gen_row("big", "3", 1.0, 1.0)]
+    per_call, held = bench_train.verdicts(rows)[1:]
+    assert per_call.startswith("FAIL") and "1/2 configurations" in per_call
+    assert per_call.endswith("failing: small 1 rank(s) fused")
+    assert held.startswith("PASS") and "calls in one gather" in held and "worst 0.80x" in held
+
+
+def test_a_csv_gains_new_columns_without_shifting_its_history(tmp_path):
+    bench_common.append_rows("t", [{"a": 1, "b": 2}], ["a", "b"], tmp_path)
+    bench_common.append_rows("t", [{"a": 3, "c": 4, "b": 5}], ["a", "c", "b"], tmp_path)
+    bench_common.append_rows("t", [{"a": 6, "c": 7}], ["a", "c"], tmp_path)  # b dropped: kept
+    with (tmp_path / "t.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows == [
+        {"a": "1", "c": "", "b": "2"},
+        {"a": "3", "c": "4", "b": "5"},
+        {"a": "6", "c": "7", "b": ""},
+    ]
 
 
 def test_case_runner_returns_the_tagged_result_or_why_there_is_none(tmp_path):
@@ -146,6 +164,7 @@ def test_quick_run_writes_rows_table_and_plot(tmp_path):
     fused, naive = rows
     for row in rows:
         assert float(row["steps_per_s"]) > 0 and float(row["generate_tokens_per_s"]) > 0
+        assert float(row["generate_held_tokens_per_s"]) > 0
         # every phase is timed inside the trainer's step, and together they make up the step
         assert all(float(row[k]) > 0 for k in bench_train.PHASES), row
         parts = sum(float(row[k]) for k in bench_train.PHASES[:-1])

@@ -427,6 +427,8 @@ def _nested_gathers(engine, probe, own_prompts) -> dict:
     """Generation inside an outer gather (as an evaluation runs its seeds): the inner block
     reuses the whole weights (same storage, no second gather) and leaves them whole, and the
     outputs and forwards are those of a call that gathered for itself."""
+    import deepspeed
+
     from pocl_ds.engine import gathered_for_generation
 
     weight = engine.module.transformer.wte.weight
@@ -437,7 +439,14 @@ def _nested_gathers(engine, probe, own_prompts) -> dict:
         still_whole = weight.numel() > 0
         own = generate(engine, own_prompts, synced_gpus=True, **DIST_KWARGS)
         whole = probe.take()
+        ours = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+    # the one-collective gather assembles every parameter exactly as DeepSpeed's own does
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        as_deepspeed = all(
+            torch.equal(ours[name], p) for name, p in engine.module.named_parameters()
+        )
     return {
+        "as_deepspeed": as_deepspeed,
         "outer": outer,
         "reused": reused,
         "still_whole": still_whole,
@@ -481,19 +490,38 @@ def _zero3_worker(out_dir: str) -> None:
     Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(results))
 
 
+def _run_zero3_worker(tmp_path: Path, ranks: int) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         str(ranks), __file__, "zero3", str(tmp_path)],
+        env=env, cwd=REPO, timeout=300, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+@pytest.mark.slow
+def test_zero3_on_one_rank_generates_from_its_partitions(tmp_path):
+    """One rank: each partition is its whole parameter, used without a gather or a copy."""
+    (ranked,) = _run_zero3_worker(tmp_path, 1)
+    expected = _dist_runs(tiny_model(), synced=False)
+    for name, gathered in (("default", True), ("short", False)):
+        runs = ranked[f"zero3_{name}"]
+        assert {k: runs[k] for k in expected} == expected, name
+        assert runs["own"] == ranked["zero1_own"], name
+        assert set(runs["greedy_whole"]) == {gathered}, name
+    nested = ranked["nested"]
+    assert nested["outer"] and nested["reused"] and nested["as_deepspeed"]
+    assert ranked["partitioned_after"] and nested["partitioned_after"]
+
+
 @pytest.mark.slow
 def test_zero3_gathers_the_model_once_when_it_fits(tmp_path):
     """ZeRO-1, ZeRO-3 gathered whole and ZeRO-3 layer by layer give the same tokens; the whole
     model is gathered exactly when its bytes fit the budget, and then no forward waits for
     the other rank (no dummy forwards)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         __file__, "zero3", str(tmp_path)],
-        env=env, cwd=REPO, timeout=300, capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = _run_zero3_worker(tmp_path, 2)
     expected = _dist_runs(tiny_model(), synced=False)
     for ranked in ranks:
         assert ranked["zero1"] == expected
@@ -505,6 +533,7 @@ def test_zero3_gathers_the_model_once_when_it_fits(tmp_path):
         assert ranked["partitioned_after"]
         nested = ranked["nested"]
         assert nested["outer"] and nested["reused"] and nested["still_whole"]
+        assert nested["as_deepspeed"]
         assert nested["own"] == ranked["zero1_own"]
         assert nested["own_whole"] == ranked["zero3_default"]["own_whole"]  # no dummy forwards
         assert nested["partitioned_after"]
