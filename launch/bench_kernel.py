@@ -63,7 +63,8 @@ DEFAULT_FLOOR_TARGET = 1.20
 MEMORY_TARGET = 1 / 8  # of naive's peak
 FIELDS = [
     "timestamp", "commit", "machine", "device", "torch", "liger", "dtype", "impl", "kind",
-    "n", "hidden", "vocab", "chunk_size", "threads", "repeats", "median_s", "min_s",
+    "n", "hidden", "vocab", "chunk_size", "threads", "elementwise_threads", "repeats",
+    "median_s", "min_s",
     "floor_s", "x_floor", "peak_extra_mb", "status",
 ]  # fmt: skip
 
@@ -207,6 +208,10 @@ def run_case(spec: dict) -> dict:
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
+    if spec.get("elementwise_threads") is not None:
+        from pocl_ds import divergence
+
+        divergence.CPU_ELEMENTWISE_THREADS = spec["elementwise_threads"]
     cuda = spec["device"].startswith("cuda")
     inputs = _inputs(spec)
 
@@ -291,6 +296,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--elementwise-threads",
+        type=int,
+        help="threads of the kernel's elementwise block loop on CPU (default: the library's "
+        "divergence.CPU_ELEMENTWISE_THREADS; 0: all of --threads)",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks"))
     parser.add_argument(
@@ -327,6 +338,7 @@ def _cases(args: argparse.Namespace, liger: str | None) -> list[dict]:
                         "impl": impl, "kind": kind, "n": n, "hidden": args.hidden,
                         "vocab": args.vocab, "chunk_size": args.chunk_size, "dtype": args.dtype,
                         "device": args.device, "threads": args.threads, "repeats": args.repeats,
+                        "elementwise_threads": args.elementwise_threads,
                         "liger": liger,
                     }
                 )  # fmt: skip
@@ -339,7 +351,8 @@ def _markdown(rows: list[dict]) -> str:
         f"Kernel forward+backward, H={first['hidden']}, V={first['vocab']}, {first['dtype']}, "
         f"chunk {first['chunk_size']}; {first['machine']} ({first['device']}), torch "
         f"{first['torch']}, liger-kernel {first['liger'] or 'not installed'}, commit "
-        f"{first['commit']}; median of {first['repeats']}. Peak = extra resident memory over "
+        f"{first['commit']}; median of {first['repeats']}; elementwise block loop on "
+        f"{first.get('elementwise_threads') or 'all'} thread(s) (0: all). Peak = extra resident memory over "
         "the inputs. × floor: the median over the case's runs of its time / that of the four "
         "chunked matmuls alone, run in the same process just before it (floor: its own "
         "median); × naive memory: peak / naive's of the same kind.",
@@ -424,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         row["peak_extra_mb"] = ""
         row.update(result)
         row["device"] = args.device
+        if row["elementwise_threads"] is None:
+            from pocl_ds.divergence import CPU_ELEMENTWISE_THREADS
+
+            row["elementwise_threads"] = CPU_ELEMENTWISE_THREADS
         rows.append({k: row[k] for k in FIELDS})
         # written case by case, so an interrupted run keeps what it measured
         append_rows("kernel", rows[-1:], FIELDS, args.output_dir)

@@ -373,9 +373,9 @@ def _coalescible(params: list[torch.nn.Parameter]) -> bool:
     partition resident and plain (no NVMe swap, no ZeRO++ quantised or secondary copies)."""
     from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
 
-    group, dtype = params[0].ds_process_group, params[0].ds_tensor.dtype
-    return all(
-        p.ds_process_group is group
+    group, dtype = getattr(params[0], "ds_process_group", None), params[0].ds_tensor.dtype
+    return group is not None and all(
+        getattr(p, "ds_process_group", None) is group
         and p.ds_tensor.dtype == dtype
         and getattr(p.ds_tensor, "status", None) == PartitionedParamStatus.AVAILABLE
         and not hasattr(p.ds_tensor, "ds_quant_scale")
@@ -393,8 +393,8 @@ def _gathered_whole(params: list[torch.nn.Parameter], device: torch.device) -> I
     25 ms where one all-gather of the same bytes took 9 (measured on the 2-core machine). Here
     every rank's partitions go into one flat buffer and one collective, and each parameter is
     copied out of the result (for a moment the model is held twice); on one rank each partition
-    is its parameter and is used as it is. Anything DeepSpeed
-    gathers specially (see ``_coalescible``) goes through ``GatheredParameters`` instead.
+    is its parameter and is used as it is. Anything DeepSpeed gathers specially (see
+    ``_coalescible``) goes through ``GatheredParameters`` instead.
     """
     import deepspeed
 
