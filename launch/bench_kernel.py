@@ -118,41 +118,49 @@ def _inputs(spec: dict) -> dict:
     }
 
 
+def _floor_runner(spec: dict, inputs: dict):
+    """A `run()` doing the four chunked N×H×V matmuls alone: the kernel's compute floor."""
+    import torch
+
+    device = torch.device(spec["device"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    n, hidden, vocab, chunk = spec["n"], spec["hidden"], spec["vocab"], spec["chunk_size"]
+    h_s, w_s, h_t, w_t = inputs["h_s"], inputs["w_s"], inputs["h_t"], inputs["w_t"]
+    grad_weight = torch.zeros(vocab, hidden, device=device, dtype=torch.float32)
+    grad_hidden = torch.empty(n, hidden, device=device, dtype=dtype)
+    student = torch.empty(min(chunk, n), vocab, device=device, dtype=dtype)
+    teacher = torch.empty_like(student)
+
+    def run():
+        grad_weight.zero_()
+        with torch.no_grad():
+            for start in range(0, n, chunk):
+                rows = slice(start, start + chunk)
+                s, t = student[: h_s[rows].shape[0]], teacher[: h_s[rows].shape[0]]
+                torch.mm(h_s[rows], w_s.t(), out=s)
+                torch.mm(h_t[rows], w_t.t(), out=t)
+                torch.mm(s, w_s, out=grad_hidden[rows])
+                if dtype == torch.float32:
+                    grad_weight.addmm_(s.t(), h_s[rows])
+                else:  # low-precision matmul, fp32 accumulation, as the kernel does
+                    grad_weight.add_(s.t() @ h_s[rows])
+
+    return run
+
+
 def _case_runner(spec: dict, inputs: dict):
     """A `run()` doing one forward + backward of `spec["impl"]`, and the student tensors."""
     import torch
 
     from pocl_ds.divergence import DEFAULT_BETA, distill_loss, fused_linear_distill_loss
 
-    device = torch.device(spec["device"])
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
-    n, hidden, vocab, chunk = spec["n"], spec["hidden"], spec["vocab"], spec["chunk_size"]
-    kind, impl = spec["kind"], spec["impl"]
+    chunk, kind, impl = spec["chunk_size"], spec["kind"], spec["impl"]
     beta = DEFAULT_BETA.get(kind, 0.5)
     h_s, w_s, h_t, w_t = inputs["h_s"], inputs["w_s"], inputs["h_t"], inputs["w_t"]
     mask, labels = inputs["mask"], inputs["labels"]
 
     if impl == "floor":
-        grad_weight = torch.zeros(vocab, hidden, device=device, dtype=torch.float32)
-        grad_hidden = torch.empty(n, hidden, device=device, dtype=dtype)
-        student = torch.empty(min(chunk, n), vocab, device=device, dtype=dtype)
-        teacher = torch.empty_like(student)
-
-        def run():
-            grad_weight.zero_()
-            with torch.no_grad():
-                for start in range(0, n, chunk):
-                    rows = slice(start, start + chunk)
-                    s, t = student[: h_s[rows].shape[0]], teacher[: h_s[rows].shape[0]]
-                    torch.mm(h_s[rows], w_s.t(), out=s)
-                    torch.mm(h_t[rows], w_t.t(), out=t)
-                    torch.mm(s, w_s, out=grad_hidden[rows])
-                    if dtype == torch.float32:
-                        grad_weight.addmm_(s.t(), h_s[rows])
-                    else:  # low-precision matmul, fp32 accumulation, as the kernel does
-                        grad_weight.add_(s.t() @ h_s[rows])
-
-        return run, (h_s, w_s)
+        return _floor_runner(spec, inputs), (h_s, w_s)
     if impl == "naive":
 
         def loss():
