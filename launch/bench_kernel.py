@@ -216,10 +216,9 @@ def run_case(spec: dict) -> dict:
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    if spec.get("elementwise_threads") is not None:
-        from pocl_ds import divergence
+    from pocl_ds import divergence
 
-        divergence.CPU_ELEMENTWISE_THREADS = spec["elementwise_threads"]
+    divergence.CPU_ELEMENTWISE_THREADS = spec["elementwise_threads"]
     cuda = spec["device"].startswith("cuda")
     inputs = _inputs(spec)
 
@@ -287,7 +286,7 @@ def _liger_version() -> str | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from pocl_ds.divergence import DEFAULT_CHUNK_SIZE, KINDS
+    from pocl_ds.divergence import CPU_ELEMENTWISE_THREADS, DEFAULT_CHUNK_SIZE, KINDS
 
     parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -307,8 +306,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--elementwise-threads",
         type=int,
+        default=CPU_ELEMENTWISE_THREADS,
         help="threads of the kernel's elementwise block loop on CPU (default: the library's "
-        "divergence.CPU_ELEMENTWISE_THREADS; 0: all of --threads)",
+        "divergence.CPU_ELEMENTWISE_THREADS, %(default)s; 0: all of --threads)",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks"))
@@ -359,8 +359,8 @@ def _markdown(rows: list[dict]) -> str:
         f"Kernel forward+backward, H={first['hidden']}, V={first['vocab']}, {first['dtype']}, "
         f"chunk {first['chunk_size']}; {first['machine']} ({first['device']}), torch "
         f"{first['torch']}, liger-kernel {first['liger'] or 'not installed'}, commit "
-        f"{first['commit']}; median of {first['repeats']}; elementwise block loop on "
-        f"{first.get('elementwise_threads') or 'all'} thread(s) (0: all). Peak = extra resident memory over "
+        f"{first['commit']}; median of {first['repeats']}; elementwise threads "
+        f"{first['elementwise_threads']} (0: all). Peak = extra resident memory over "
         "the inputs. × floor: the median over the case's runs of its time / that of the four "
         "chunked matmuls alone, run in the same process just before it (floor: its own "
         "median); × naive memory: peak / naive's of the same kind.",
@@ -445,10 +445,6 @@ def main(argv: list[str] | None = None) -> int:
         row["peak_extra_mb"] = ""
         row.update(result)
         row["device"] = args.device
-        if row["elementwise_threads"] is None:
-            from pocl_ds.divergence import CPU_ELEMENTWISE_THREADS
-
-            row["elementwise_threads"] = CPU_ELEMENTWISE_THREADS
         rows.append({k: row[k] for k in FIELDS})
         # written case by case, so an interrupted run keeps what it measured
         append_rows("kernel", rows[-1:], FIELDS, args.output_dir)

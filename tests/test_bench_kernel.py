@@ -10,6 +10,8 @@ sys.path.insert(0, str(REPO / "launch"))
 
 import bench_kernel  # noqa: E402
 
+from pocl_ds.divergence import CPU_ELEMENTWISE_THREADS  # noqa: E402
+
 
 def _row(kind: str, impl: str, median_s: float, floor_s: float, x_floor: str, peak: float):
     return {
@@ -54,6 +56,8 @@ def test_quick_run_writes_rows_and_a_table_with_its_verdicts(tmp_path):
     for row in rows:
         assert float(row["median_s"]) > 0 and float(row["floor_s"]) > 0
         assert float(row["x_floor"]) > 0 and float(row["min_s"]) <= float(row["median_s"])
+        # the library's setting, recorded with the row it timed
+        assert row["elementwise_threads"] == str(CPU_ELEMENTWISE_THREADS)
     table = (tmp_path / "kernel.md").read_text()
     lines = bench_kernel.verdicts(rows)
     assert len(lines) == 4  # time and memory, for fused and for fused_labels
