@@ -27,14 +27,19 @@ of a pair alike (with the floor runs all first, the 2-core machine gave the same
 sizes), one per case as it finishes; the table of this run, followed by a PASS or FAIL line
 per target, is printed and written to benchmarks/kernel.md: fused ≤ 1.10× floor for jsd and
 ≤ 1.20× for every other kind, fused_labels ≤ 1.20×, and the fused peaks ≤ 1/8 of naive's.
+--busy-cores K runs the cases beside K busy-looping processes (a machine shared with other
+jobs), and --elementwise-threads T sets the kernel's block-loop threads for every case.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,8 +68,8 @@ DEFAULT_FLOOR_TARGET = 1.20
 MEMORY_TARGET = 1 / 8  # of naive's peak
 FIELDS = [
     "timestamp", "commit", "machine", "device", "torch", "liger", "dtype", "impl", "kind",
-    "n", "hidden", "vocab", "chunk_size", "threads", "elementwise_threads", "repeats",
-    "median_s", "min_s",
+    "n", "hidden", "vocab", "chunk_size", "threads", "elementwise_threads", "busy_cores",
+    "repeats", "median_s", "min_s",
     "floor_s", "x_floor", "peak_extra_mb", "status",
 ]  # fmt: skip
 
@@ -307,8 +312,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--elementwise-threads",
         type=int,
         default=CPU_ELEMENTWISE_THREADS,
-        help="threads of the kernel's elementwise block loop on CPU (default: the library's "
-        "divergence.CPU_ELEMENTWISE_THREADS, %(default)s; 0: all of --threads)",
+        help="threads that share out the kernel's elementwise blocks on CPU, each on one "
+        "intra-op thread (default: the library's divergence.CPU_ELEMENTWISE_THREADS, "
+        "%(default)s; 0: one loop whose ops use all of --threads)",
+    )
+    parser.add_argument(
+        "--busy-cores",
+        type=int,
+        default=0,
+        help="keep this many busy-looping processes running through the cases, to measure "
+        "the kernel on a machine shared with other jobs (default 0)",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks"))
@@ -347,6 +360,7 @@ def _cases(args: argparse.Namespace, liger: str | None) -> list[dict]:
                         "vocab": args.vocab, "chunk_size": args.chunk_size, "dtype": args.dtype,
                         "device": args.device, "threads": args.threads, "repeats": args.repeats,
                         "elementwise_threads": args.elementwise_threads,
+                        "busy_cores": args.busy_cores,
                         "liger": liger,
                     }
                 )  # fmt: skip
@@ -360,7 +374,8 @@ def _markdown(rows: list[dict]) -> str:
         f"chunk {first['chunk_size']}; {first['machine']} ({first['device']}), torch "
         f"{first['torch']}, liger-kernel {first['liger'] or 'not installed'}, commit "
         f"{first['commit']}; median of {first['repeats']}; elementwise threads "
-        f"{first['elementwise_threads']} (0: all). Peak = extra resident memory over "
+        f"{first['elementwise_threads']} (0: all per op); busy-looping processes beside it "
+        f"{first.get('busy_cores') or 0}. Peak = extra resident memory over "
         "the inputs. × floor: the median over the case's runs of its time / that of the four "
         "chunked matmuls alone, run in the same process just before it (floor: its own "
         "median); × naive memory: peak / naive's of the same kind.",
@@ -437,20 +452,38 @@ def main(argv: list[str] | None = None) -> int:
     args.impls = impls
     shared = {**provenance(args.device), "threads": args.threads or torch.get_num_threads()}
     rows = []
-    for spec in _cases(args, liger):
-        sys.stderr.write(f"N={spec['n']} {spec['kind']} {spec['impl']} ...\n")
-        sys.stderr.flush()
-        result = run_case_in_subprocess(__file__, spec, timeout=args.timeout)
-        row = {**shared, **spec, "median_s": "", "min_s": "", "floor_s": "", "x_floor": ""}
-        row["peak_extra_mb"] = ""
-        row.update(result)
-        row["device"] = args.device
-        rows.append({k: row[k] for k in FIELDS})
-        # written case by case, so an interrupted run keeps what it measured
-        append_rows("kernel", rows[-1:], FIELDS, args.output_dir)
-        write_table("kernel", _report(rows), args.output_dir)
+    with busy_processes(args.busy_cores):
+        for spec in _cases(args, liger):
+            _run_and_record(spec, shared, args, rows)
     print(_report(rows))
     return 0
+
+
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """Keep `count` processes spinning on the CPU while the block runs: a shared machine."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def _run_and_record(spec: dict, shared: dict, args: argparse.Namespace, rows: list[dict]) -> None:
+    """One case in a fresh process; its row joins `rows` and the CSV at once, so an interrupted
+    run keeps what it measured, and the table so far is rewritten."""
+    sys.stderr.write(f"N={spec['n']} {spec['kind']} {spec['impl']} ...\n")
+    sys.stderr.flush()
+    result = run_case_in_subprocess(__file__, spec, timeout=args.timeout)
+    row = {**shared, **spec, "median_s": "", "min_s": "", "floor_s": "", "x_floor": ""}
+    row["peak_extra_mb"] = ""
+    row.update(result)
+    row["device"] = args.device
+    rows.append({k: row[k] for k in FIELDS})
+    append_rows("kernel", rows[-1:], FIELDS, args.output_dir)
+    write_table("kernel", _report(rows), args.output_dir)
 
 
 def _report(rows: list[dict]) -> str:

@@ -24,7 +24,7 @@ m = β·p + (1−β)·q and m' = (1−β)·p + β·q):
     srkl  D = KL(q‖m')                                 ∂D/∂s = q(u − Σ q·u), u = log(q/m') − β·q/m'
 
 and ∂loss/∂z = (τ² or 1)/τ · ∂D/∂s / num_valid_tokens. The mixture kinds are formed from
-d = log p − log q and log(m/q) = log1p(β·expm1(d)) (1−β for srkl's m'), never from log m: each
+d = log p − log q and log(m/q) = log1p(β·(p/q − 1)) (1−β for srkl's m'), never from log m: each
 summed term then vanishes where p = q, so p = q gives exactly 0 (in fp32 and bf16) and fp32
 values stay within ~1e-4 relative of float64 at a 50k vocabulary; tokens both models find
 unlikely stay finite.
@@ -33,10 +33,14 @@ unlikely stay finite.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -45,6 +49,7 @@ from pocl_ds.data import IGNORE_INDEX
 from pocl_ds.errors import PoclError
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 KINDS = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
 DEFAULT_BETA = {"jsd": 0.5, "skl": 0.1, "srkl": 0.1}
@@ -64,8 +69,10 @@ _CPU_BLOCK_ELEMENTS = 1 << 19
 # `_log_ratio_` for why the cap changes no result).
 _MAX_LOG_RATIO = 50.0
 
-# Intra-op threads for the elementwise block loop on CPU (0: leave torch's setting alone).
-CPU_ELEMENTWISE_THREADS = 1
+# Threads of the elementwise block loop on CPU (at most torch's intra-op thread count): the
+# chunk's blocks are shared out among this many threads, each of which runs its ops on one
+# intra-op thread (see `_elementwise_threads`); 0: one loop whose ops use all of torch's threads.
+CPU_ELEMENTWISE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -212,7 +219,8 @@ def _block_rows(vocab: int, device: torch.device, chunk_rows: int) -> int:
 class _Workspace:
     """Scratch [block_rows × V] buffers reused by every block of one kernel call: the student's
     and the teacher's exponentials, a scratch block and, with ``ce_block``, one for the block's
-    CE gradient (a mixed loss at τ ≠ 1; so no [chunk × V] CE buffer is needed)."""
+    CE gradient (a mixed loss at τ ≠ 1; so no [chunk × V] CE buffer is needed). One set per
+    lane, the threads that share out a chunk's blocks on CPU (`_block_lanes`)."""
 
     def __init__(
         self,
@@ -224,11 +232,15 @@ class _Workspace:
         ce_block: bool = False,
     ) -> None:
         self.rows = rows
+        self.lanes = _block_lanes(device)
         count = 4 if ce_block else 3
-        self._buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(count)]
+        self._buffers = [
+            [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(count)]
+            for _ in range(self.lanes)
+        ]
 
-    def get(self, rows: int) -> list[Tensor]:
-        return [buf[:rows] for buf in self._buffers]
+    def get(self, rows: int, lane: int = 0) -> list[Tensor]:
+        return [buf[:rows] for buf in self._buffers[lane]]
 
 
 def _shifted_exp_(logits: Tensor, exp_out: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,19 +263,30 @@ def _row_dot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
 def _log_ratio_(s: Tensor, log_q_total: Tensor, t: Tensor, log_p_total: Tensor) -> Tensor:
     """t <- d = log p − log q from the shifted logits, capped at L = _MAX_LOG_RATIO.
 
-    d is exactly 0 wherever p = q (identical logits give identical shifts and totals), which
-    is what makes every mixture divergence below exactly 0 at p = q. The cap only touches
+    d is exactly 0 wherever p = q (identical logits give identical shifts and totals), as
+    log(p/m) = d − f must be for jsd and skl to be exactly 0 at p = q. The cap only touches
     tokens with q < e^−L·p: there log(p/m) moves by less than e^−L over the mixture's weight
     on p, and the terms weighted by q by less than e^−L; both far below float64 rounding.
     """
     return t.sub_(s).add_(log_q_total - log_p_total).clamp_max_(_MAX_LOG_RATIO)
 
 
-def _log_mixture_ratio_(d: Tensor, weight: float, excess: Tensor, out: Tensor) -> Tensor:
-    """For the mixture m = weight·p + (1 − weight)·q: excess <- m/q − 1 = weight·(e^d − 1) and
-    out <- log m − log q = log1p(excess). Both vanish exactly at d = 0 and stay accurate
-    for small d, where the divergences live, unlike log m formed from log p and log q."""
-    torch.expm1(d, out=excess).mul_(weight)
+def _log_mixture_ratio_(
+    p_exp: Tensor, q_exp: Tensor, q_over_p_total: Tensor, weight: float, excess: Tensor, out: Tensor
+) -> Tensor:
+    """For the mixture m = weight·p + (1 − weight)·q: excess <- m/q − 1 = weight·(p/q − 1) and
+    out <- log m − log q = log1p(excess).
+
+    p/q = (p_exp/q_exp)·(Z_q/Z_p) is a division, not an exp of d: the exponentials are already
+    there, and expm1 cost as much as the rest of a block's passes together. Both outputs vanish
+    exactly at p = q (equal exponentials and totals give a ratio of exactly 1) and stay accurate
+    for small d, unlike log m formed from log p and log q. Where q_exp underflows the ratio is
+    capped like d (`_log_ratio_`); 0/0 (both underflow) gets excess 0, a term that p = q = 0
+    weighs by 0.
+    """
+    cap = weight * math.expm1(_MAX_LOG_RATIO)
+    torch.div(p_exp, q_exp, out=excess).mul_(q_over_p_total * weight).sub_(weight)
+    excess.nan_to_num_(nan=0.0, posinf=cap).clamp_max_(cap)
     return torch.log1p(excess, out=out)
 
 
@@ -311,20 +334,21 @@ def _block_divergence_(
         torch.sub(c, d, out=s).mul_(q_exp)
         return total, 0.5 * q_total.reciprocal()
     beta = div.beta
-    d = _log_ratio_(s, log_q_total, t, log_p_total)
+    q_over_p_total = q_total / p_total
     if div.kind == "srkl":
         # m' = (1−β)·p + β·q, f = log(m'/q): D = −Σ q·f. With e = m'/q − 1 the gradient's
         # u = log(q/m') − β·q/m' is −(y + β) for y = f − β·e/(1 + e), which is 0 at p = q;
         # the constant β cancels in u − Σ q·u.
         excess = scratch
-        f = _log_mixture_ratio_(d, 1.0 - beta, excess, s)
+        f = _log_mixture_ratio_(p_exp, q_exp, q_over_p_total, 1.0 - beta, excess, s)
         total = -_row_dot(q_exp, f, t).div_(q_total).sum()
         y = f.addcdiv_(excess, torch.add(excess, 1.0, out=t), value=-beta)
         y.sub_(_row_dot(q_exp, y, t).div_(q_total)).mul_(q_exp)
         return total, -q_total.reciprocal()
     # jsd and skl: m = β·p + (1−β)·q, f = log(m/q), and log(p/m) = d − f.
+    d = _log_ratio_(s, log_q_total, t, log_p_total)
     excess = scratch
-    f = _log_mixture_ratio_(d, beta, excess, s)
+    f = _log_mixture_ratio_(p_exp, q_exp, q_over_p_total, beta, excess, s)
     log_p_over_m = d.sub_(f)
     if div.kind == "skl":
         kl_p = _row_dot(p_exp, log_p_over_m, s).div_(p_total).sum()  # Σ KL(p‖m)
@@ -396,20 +420,55 @@ def _add_ce_grad_(
     grad.scatter_add_(1, safe, keep.unsqueeze(1).to(grad.dtype).mul_(-weight))
 
 
+def _block_lanes(device: torch.device) -> int:
+    """How many threads share out a chunk's blocks: CPU_ELEMENTWISE_THREADS on CPU, at most
+    torch's intra-op threads (a rank given one core keeps one); one on accelerators."""
+    if device.type != "cpu" or CPU_ELEMENTWISE_THREADS <= 0:
+        return 1
+    return max(1, min(CPU_ELEMENTWISE_THREADS, torch.get_num_threads()))
+
+
+_lane_pool: dict[int, ThreadPoolExecutor] = {}
+
+
+def _lane_executor(lanes: int) -> ThreadPoolExecutor:
+    """The block loop's threads, started once per process and lane count, then kept."""
+    if lanes not in _lane_pool:
+        _lane_pool[lanes] = ThreadPoolExecutor(lanes, thread_name_prefix="pocl-ds-blocks")
+    return _lane_pool[lanes]
+
+
+def _forget_lane_pool() -> None:
+    """A forked child has none of its parent's threads: it starts its own pool when needed."""
+    _lane_pool.clear()
+
+
+os.register_at_fork(after_in_child=_forget_lane_pool)
+
+
+def _in_one_intra_op_thread(run: Callable[[], _T]) -> _T:
+    """Run `run` on this thread with one intra-op thread and autograd off (both per thread)."""
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        return run()
+
+
 @contextlib.contextmanager
 def _elementwise_threads(device: torch.device) -> Iterator[None]:
-    """Run the block loop's elementwise ops on CPU_ELEMENTWISE_THREADS intra-op threads.
+    """Hold torch at one intra-op thread while the block loop runs (CPU_ELEMENTWISE_THREADS >
+    0), and give the matmuls around it all of them again afterwards.
 
-    Each block op is short (a few hundred µs), so a chunk issues thousands of OpenMP parallel
-    regions; on a CPU shared with other jobs every region waits for descheduled threads.
-    Measured on the 2-core CI machine under load: 11 ns/element with 1 thread against
-    23–57 ns with 2. The matmuls around the loop keep every thread.
+    Each block op is short (a few hundred µs), so with torch's threads a chunk issues thousands
+    of OpenMP parallel regions; on a CPU shared with other jobs every region waits for
+    descheduled threads (measured on the 2-core machine under load: 11 ns/element on one
+    thread against 23–57 ns on two). Lanes of single-threaded ops instead meet once per chunk;
+    README ("The divergence kernel") has their measurements, quiet and under load.
     """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or CPU_ELEMENTWISE_THREADS <= 0 or threads <= CPU_ELEMENTWISE_THREADS:
+    if device.type != "cpu" or CPU_ELEMENTWISE_THREADS <= 0 or threads == 1:
         yield
         return
-    torch.set_num_threads(CPU_ELEMENTWISE_THREADS)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -437,43 +496,84 @@ def _chunk_divergence_(
     With ``mix = (a, b)`` (labels and a divergence) s instead holds a·∂D/∂s + b·∂CE/∂z whole,
     combined block by block while the block is still in cache; kd_factor, ce_grad and
     ce_factor are not used. One gradient then needs one pair of matmuls, not two.
+
+    The blocks are shared out in contiguous runs among the workspace's lanes; the sums are
+    added in lane order, so a result depends on the lane count, never on thread timing.
     """
+    if div.kind == "zero" and labels is None:
+        return s.new_zeros(()), s.new_zeros(())
+    args = (s, t, div, temperature, kd_factor, labels, ce_grad, ce_factor, mix)
+    blocks = -(-s.shape[0] // workspace.rows)
+    lanes = max(1, min(workspace.lanes, blocks))
+    spans = [range(lane * blocks // lanes, (lane + 1) * blocks // lanes) for lane in range(lanes)]
+    with _elementwise_threads(s.device):
+        if lanes == 1:
+            return _blocks_divergence_(spans[0], workspace.rows, workspace.get, *args)
+        futures = [
+            _lane_executor(workspace.lanes).submit(
+                _in_one_intra_op_thread,
+                functools.partial(
+                    _blocks_divergence_,
+                    span,
+                    workspace.rows,
+                    functools.partial(workspace.get, lane=lane),
+                    *args,
+                ),
+            )
+            for lane, span in enumerate(spans)
+        ]
+        sums = [future.result() for future in futures]
+    return sum(kd for kd, _ in sums), sum(ce for _, ce in sums)
+
+
+def _blocks_divergence_(
+    blocks: range,
+    block_rows: int,
+    buffers: Callable[[int], list[Tensor]],
+    s: Tensor,
+    t: Tensor | None,
+    div: _Divergence,
+    temperature: float,
+    kd_factor: Tensor,
+    labels: Tensor | None,
+    ce_grad: Tensor | None,
+    ce_factor: Tensor | None,
+    mix: tuple[float, float] | None,
+) -> tuple[Tensor, Tensor]:
+    """`_chunk_divergence_` over the chunk's blocks numbered in `blocks`, each of `block_rows`
+    rows (the last may be shorter), with `buffers(rows)` as the block workspace."""
     kd_total = s.new_zeros(())
     ce_total = s.new_zeros(())
-    if div.kind == "zero" and labels is None:
-        return kd_total, ce_total
-    with _elementwise_threads(s.device):
-        for start in range(0, s.shape[0], workspace.rows):
-            block = slice(start, min(start + workspace.rows, s.shape[0]))
-            q_exp, p_exp, scratch, *mixed_ce = workspace.get(block.stop - block.start)
-            s_block = s[block]
-            q_total, log_q_total = _shifted_exp_(s_block, q_exp)
-            ce_work, ce_row_factor = None, None
-            if labels is not None:
-                if mix:  # at τ = 1 the CE gradient needs no block of its own (q_exp serves)
-                    ce_work = mixed_ce[0] if temperature != 1.0 else None
-                else:
-                    ce_work = ce_grad[block] if ce_grad is not None else scratch
-                ce, ce_row_factor = _block_cross_entropy_(
-                    s_block, q_exp, q_total, log_q_total, labels[block], temperature, ce_work
-                )
-                ce_total += ce
-                if ce_factor is not None and not mix:
-                    ce_factor[block] = ce_row_factor
-            if div.kind == "zero":
-                continue
-            kd, factor = _block_divergence_(
-                s_block, q_exp, q_total, log_q_total, t[block], div, p_exp, scratch
-            )
-            kd_total += kd
-            if mix:
-                kd_weight, ce_weight = mix
-                s_block.mul_(factor * kd_weight)
-                if ce_weight:
-                    _add_ce_grad_(s_block, ce_weight, ce_work, q_exp, ce_row_factor, labels[block])
+    for index in blocks:
+        block = slice(index * block_rows, min((index + 1) * block_rows, s.shape[0]))
+        q_exp, p_exp, scratch, *mixed_ce = buffers(block.stop - block.start)
+        s_block = s[block]
+        q_total, log_q_total = _shifted_exp_(s_block, q_exp)
+        ce_work, ce_row_factor = None, None
+        if labels is not None:
+            if mix:  # at τ = 1 the CE gradient needs no block of its own (q_exp serves)
+                ce_work = mixed_ce[0] if temperature != 1.0 else None
             else:
-                kd_factor[block] = factor
-
+                ce_work = ce_grad[block] if ce_grad is not None else scratch
+            ce, ce_row_factor = _block_cross_entropy_(
+                s_block, q_exp, q_total, log_q_total, labels[block], temperature, ce_work
+            )
+            ce_total += ce
+            if ce_factor is not None and not mix:
+                ce_factor[block] = ce_row_factor
+        if div.kind == "zero":
+            continue
+        kd, factor = _block_divergence_(
+            s_block, q_exp, q_total, log_q_total, t[block], div, p_exp, scratch
+        )
+        kd_total += kd
+        if mix:
+            kd_weight, ce_weight = mix
+            s_block.mul_(factor * kd_weight)
+            if ce_weight:
+                _add_ce_grad_(s_block, ce_weight, ce_work, q_exp, ce_row_factor, labels[block])
+        else:
+            kd_factor[block] = factor
     return kd_total, ce_total
 
 
