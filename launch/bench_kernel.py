@@ -29,6 +29,7 @@ per target, is printed and written to benchmarks/kernel.md: fused ≤ 1.10× flo
 ≤ 1.20× for every other kind, fused_labels ≤ 1.20×, and the fused peaks ≤ 1/8 of naive's.
 --busy-cores K runs the cases beside K busy-looping processes (a machine shared with other
 jobs), and --elementwise-threads T sets the kernel's block-loop threads for every case.
+--op-costs prints what each elementwise op of a block costs instead.
 """
 
 import argparse
@@ -276,6 +277,39 @@ def run_case(spec: dict) -> dict:
     }
 
 
+def op_costs(vocab: int, repeats: int = 400) -> str:
+    """ns/element of the ops a CPU block is made of, on one block of the kernel's size and one
+    intra-op thread (as each lane runs them): what a kind's elementwise work is bound by."""
+    import torch
+
+    from pocl_ds import divergence
+
+    torch.set_num_threads(1)
+    rows = divergence._block_rows(vocab, torch.device("cpu"), divergence.DEFAULT_CHUNK_SIZE)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, vocab, generator=gen), torch.rand(rows, vocab, generator=gen)
+    row, out = torch.rand(rows, 1, generator=gen), torch.empty(rows, vocab)
+    ops = {
+        "exp": lambda: torch.exp(x, out=out),
+        "expm1": lambda: torch.expm1(x, out=out),
+        "log1p": lambda: torch.log1p(y, out=out),
+        "div": lambda: torch.div(x, y, out=out),
+        "mul": lambda: torch.mul(x, y, out=out),
+        "mul_ by a row factor": lambda: out.mul_(row),
+        "sum over a row": lambda: x.sum(dim=1, keepdim=True),
+    }
+    lines = [f"One [{rows} x {vocab}] block, one intra-op thread, median of 5 x {repeats // 5}:"]
+    for name, op in ops.items():
+        rounds = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(repeats // 5):
+                op()
+            rounds.append((time.perf_counter() - start) / (repeats // 5))
+        lines.append(f"  {name:22s} {1e9 * statistics.median(rounds) / x.numel():6.2f} ns/element")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -329,6 +363,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="N=256, H=128, V=4096, jsd only, 1 repeat, no torch.compile (under a minute)",
+    )
+    parser.add_argument(
+        "--op-costs",
+        action="store_true",
+        help="print instead what each elementwise op of a block costs (ns/element, one thread)",
     )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, JSON
     args = parser.parse_args(argv)
@@ -441,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.case:
         print_case_result(run_case(json.loads(args.case)))
+        return 0
+    if args.op_costs:
+        print(op_costs(args.vocab))
         return 0
     import torch
 

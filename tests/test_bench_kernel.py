@@ -43,7 +43,8 @@ def test_verdicts_take_the_paired_ratio_and_each_kinds_target():
 def test_quick_run_writes_rows_and_a_table_with_its_verdicts(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "launch" / "bench.py"), "kernel", "--quick", "--repeats", "2",
-         "--impls", "floor", "naive", "fused", "fused_labels", "--output-dir", str(tmp_path)],
+         "--impls", "floor", "naive", "fused", "fused_labels", "--output-dir", str(tmp_path),
+         "--busy-cores", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -58,7 +59,36 @@ def test_quick_run_writes_rows_and_a_table_with_its_verdicts(tmp_path):
         assert float(row["x_floor"]) > 0 and float(row["min_s"]) <= float(row["median_s"])
         # the library's setting, recorded with the row it timed
         assert row["elementwise_threads"] == str(CPU_ELEMENTWISE_THREADS)
+        assert row["busy_cores"] == "1"
+    assert not _spinners(), "the busy-looping processes outlive the run"
     table = (tmp_path / "kernel.md").read_text()
     lines = bench_kernel.verdicts(rows)
     assert len(lines) == 4  # time and memory, for fused and for fused_labels
     assert all(line in table and line in done.stdout for line in lines)
+
+
+def _spinners() -> list[str]:
+    """Processes running the benchmark's busy loop."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"while True: pass" in cmdline.read_bytes():
+                found.append(cmdline.parent.name)
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def test_op_costs_prints_each_op_per_element():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "bench.py"), "kernel", "--op-costs", "--vocab", "512"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    costs = {
+        line.rsplit(None, 2)[0].strip(): float(line.split()[-2])
+        for line in done.stdout.splitlines()
+        if line.endswith("ns/element")
+    }
+    assert set(costs) >= {"exp", "expm1", "log1p", "div", "mul"}
+    assert all(cost > 0 for cost in costs.values())

@@ -924,3 +924,118 @@ def test_the_kernel_reads_the_device_once_per_call():
         )
         loss.backward()
     assert [Path(f).name for f in reads] == ["divergence.py"]
+
+
+# ----------------------------------------------------------------------------- CPU block lanes
+
+
+@pytest.fixture
+def two_intra_op_threads():
+    """This module runs on one intra-op thread; lanes need torch to allow two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("kind", "labels"), [("jsd", True), ("srkl", False), ("tvd", True)])
+def test_block_lanes_give_the_gradients_of_one_lane(
+    kind, labels, monkeypatch, two_intra_op_threads
+):
+    """Two lanes share out a chunk's blocks on their own threads: every block is computed as
+    on one lane (bitwise-equal gradients), only the block sums are added in another order,
+    and a lane-count result never depends on thread timing (two calls agree bitwise)."""
+    import threading
+
+    gen = torch.Generator().manual_seed(11)
+    hs = torch.randn(96, 32, generator=gen)
+    ws = torch.randn(3000, 32, generator=gen) * 0.3
+    ht, wt = torch.randn(96, 32, generator=gen), torch.randn(3000, 32, generator=gen) * 0.3
+    target = torch.randint(0, 3000, (96,), generator=gen) if labels else None
+    # blocks of 20 rows at V = 3000: a 48-row chunk has 3 blocks, shared out 1 + 2
+    monkeypatch.setattr(divergence, "_CPU_BLOCK_ELEMENTS", 20 * 3000)
+    threads_seen = set()
+    blocks_divergence = divergence._blocks_divergence_
+
+    def recorded(*args, **kwargs):
+        threads_seen.add(threading.current_thread().name)
+        assert torch.get_num_threads() == 1 and not torch.is_grad_enabled()
+        return blocks_divergence(*args, **kwargs)
+
+    monkeypatch.setattr(divergence, "_blocks_divergence_", recorded)
+
+    def run(lanes: int):
+        monkeypatch.setattr(divergence, "CPU_ELEMENTWISE_THREADS", lanes)
+        h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+        out = fused_linear_distill_loss(
+            h, w, ht, wt, torch.ones(96), kind=kind, labels=target, chunk_size=48,
+            **({"sft_weight": 0.3} if labels else {}),
+        )  # fmt: skip
+        loss = out[0] if labels else out  # the mixed loss α·CE + (1 − α)·KD, or KD alone
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    one = run(1)
+    assert threads_seen == {threading.current_thread().name}
+    threads_seen.clear()
+    two, again = run(2), run(2)
+    assert len(threads_seen) == 2 and threading.current_thread().name not in threads_seen
+    assert torch.get_num_threads() == 2, "the matmuls get every thread back"
+    assert all(torch.equal(a, b) for a, b in zip(two, again, strict=True))
+    assert torch.equal(one[1], two[1]) and torch.equal(one[2], two[2])
+    assert_close(two[0], one[0], 1e-6, "loss")
+
+
+def _kernel_in_a_forked_child(queue) -> None:
+    gen = torch.Generator().manual_seed(3)
+    logits, teacher = torch.randn(64, 500, generator=gen), torch.randn(64, 500, generator=gen)
+    queue.put(float(distill_loss(logits, teacher, torch.ones(64), kind="jsd")))
+
+
+def test_a_forked_child_starts_its_own_lanes(monkeypatch, two_intra_op_threads):
+    """A fork keeps the parent's pool object but none of its threads: without a fresh pool the
+    child's first kernel call would wait forever."""
+    import multiprocessing
+
+    monkeypatch.setattr(divergence, "_CPU_BLOCK_ELEMENTS", 16 * 500)  # 4 blocks of 16 rows
+    gen = torch.Generator().manual_seed(3)
+    logits, teacher = torch.randn(64, 500, generator=gen), torch.randn(64, 500, generator=gen)
+    want = float(distill_loss(logits, teacher, torch.ones(64), kind="jsd"))
+    assert divergence._lane_pool, "the parent's call started the lanes"
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_kernel_in_a_forked_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0, "the child hung or failed"
+    assert queue.get(timeout=5) == pytest.approx(want, rel=1e-6)
+
+
+def test_the_mixture_ratio_is_weight_times_expm1_of_d():
+    """excess = w·(p/q − 1) from the exponentials equals w·expm1(d) (to float64 rounding here,
+    for d from −30 to 30), is exactly 0 at p = q, and stays finite where q underflows: capped
+    like d, and 0 where p and q both do."""
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(4, 400, generator=gen, dtype=torch.float64) * 10
+    t = s + torch.linspace(-30, 30, 400, dtype=torch.float64)
+    t[0] = s[0]  # p = q on a whole row
+    q_exp, p_exp = torch.empty_like(s), torch.empty_like(t)
+    q_total, log_q_total = divergence._shifted_exp_(s, q_exp)
+    p_total, log_p_total = divergence._shifted_exp_(t, p_exp)
+    d = (t - s) + (log_q_total - log_p_total)
+    excess, f = torch.empty_like(s), torch.empty_like(s)
+    divergence._log_mixture_ratio_(p_exp, q_exp, q_total / p_total, 0.3, excess, f)
+    assert torch.equal(excess[0], torch.zeros(400)) and torch.equal(f[0], torch.zeros(400))
+    torch.testing.assert_close(excess, 0.3 * torch.expm1(d), rtol=1e-9, atol=0.0)
+    torch.testing.assert_close(f, torch.log1p(0.3 * torch.expm1(d)), rtol=1e-9, atol=0.0)
+
+    p_exp32 = torch.tensor([[0.5, 0.0, 1e-30, 1.0]])
+    q_exp32 = torch.tensor([[0.0, 0.0, 0.0, 1.0]])  # q underflowed in the first three
+    excess32, f32 = torch.empty(1, 4), torch.empty(1, 4)
+    ones = torch.ones(1, 1)
+    divergence._log_mixture_ratio_(p_exp32, q_exp32, ones, 0.5, excess32, f32)
+    cap = 0.5 * math.expm1(divergence._MAX_LOG_RATIO)
+    assert excess32.tolist()[0] == pytest.approx([cap, 0.0, cap, 0.0])
+    assert torch.isfinite(f32).all()
