@@ -29,15 +29,13 @@ per target, is printed and written to benchmarks/kernel.md: fused ≤ 1.10× flo
 ≤ 1.20× for every other kind, fused_labels ≤ 1.20×, and the fused peaks ≤ 1/8 of naive's.
 --busy-cores K runs the cases beside K busy-looping processes (a machine shared with other
 jobs), and --elementwise-threads T sets the kernel's block-loop threads for every case.
---thp-alloc runs the cases with torch's CPU allocator asking for huge pages, and --op-costs
-prints what each elementwise op of a block costs instead.
+--op-costs prints what each elementwise op of a block costs instead.
 """
 
 import argparse
 import contextlib
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -72,7 +70,7 @@ MEMORY_TARGET = 1 / 8  # of naive's peak
 FIELDS = [
     "timestamp", "commit", "machine", "device", "torch", "liger", "dtype", "impl", "kind",
     "n", "hidden", "vocab", "chunk_size", "threads", "elementwise_threads", "busy_cores",
-    "thp_alloc", "repeats", "median_s", "min_s",
+    "repeats", "median_s", "min_s",
     "floor_s", "x_floor", "peak_extra_mb", "status",
 ]  # fmt: skip
 
@@ -367,12 +365,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="N=256, H=128, V=4096, jsd only, 1 repeat, no torch.compile (under a minute)",
     )
     parser.add_argument(
-        "--thp-alloc",
-        action="store_true",
-        help="run the cases with THP_MEM_ALLOC_ENABLE=1: torch's CPU allocator asks for huge "
-        "pages, so a fresh buffer costs far fewer page faults",
-    )
-    parser.add_argument(
         "--op-costs",
         action="store_true",
         help="print instead what each elementwise op of a block costs (ns/element, one thread)",
@@ -408,7 +400,6 @@ def _cases(args: argparse.Namespace, liger: str | None) -> list[dict]:
                         "device": args.device, "threads": args.threads, "repeats": args.repeats,
                         "elementwise_threads": args.elementwise_threads,
                         "busy_cores": args.busy_cores,
-                        "thp_alloc": int(args.thp_alloc),
                         "liger": liger,
                     }
                 )  # fmt: skip
@@ -423,8 +414,7 @@ def _markdown(rows: list[dict]) -> str:
         f"{first['torch']}, liger-kernel {first['liger'] or 'not installed'}, commit "
         f"{first['commit']}; median of {first['repeats']}; elementwise threads "
         f"{first['elementwise_threads']} (0: all per op); busy-looping processes beside it "
-        f"{first.get('busy_cores') or 0}; huge-page allocation (THP_MEM_ALLOC_ENABLE) "
-        f"{'on' if first.get('thp_alloc') in (1, '1') else 'off'}. Peak = extra resident memory over "
+        f"{first.get('busy_cores') or 0}. Peak = extra resident memory over "
         "the inputs. × floor: the median over the case's runs of its time / that of the four "
         "chunked matmuls alone, run in the same process just before it (floor: its own "
         "median); × naive memory: peak / naive's of the same kind.",
@@ -503,8 +493,6 @@ def main(argv: list[str] | None = None) -> int:
                          "(pip install --no-deps liger-kernel)\n")  # fmt: skip
     args.impls = impls
     shared = {**provenance(args.device), "threads": args.threads or torch.get_num_threads()}
-    if args.thp_alloc:  # read by each case's fresh process at its first allocation
-        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     rows = []
     with busy_processes(args.busy_cores):
         for spec in _cases(args, liger):
