@@ -446,11 +446,11 @@ def _forget_lane_pool() -> None:
 os.register_at_fork(after_in_child=_forget_lane_pool)
 
 
-def _in_one_intra_op_thread(run: Callable[[], _T]) -> _T:
-    """Run `run` on this thread with one intra-op thread and autograd off (both per thread)."""
+def _in_one_intra_op_thread(run: Callable[..., _T], *args: object) -> _T:
+    """`run(*args)` on this thread with one intra-op thread and autograd off (both per thread)."""
     torch.set_num_threads(1)
     with torch.no_grad():
-        return run()
+        return run(*args)
 
 
 @contextlib.contextmanager
@@ -509,16 +509,15 @@ def _chunk_divergence_(
     with _elementwise_threads(s.device):
         if lanes == 1:
             return _blocks_divergence_(spans[0], workspace.rows, workspace.get, *args)
+        pool = _lane_executor(workspace.lanes)
         futures = [
-            _lane_executor(workspace.lanes).submit(
+            pool.submit(
                 _in_one_intra_op_thread,
-                functools.partial(
-                    _blocks_divergence_,
-                    span,
-                    workspace.rows,
-                    functools.partial(workspace.get, lane=lane),
-                    *args,
-                ),
+                _blocks_divergence_,
+                span,
+                workspace.rows,
+                functools.partial(workspace.get, lane=lane),
+                *args,
             )
             for lane, span in enumerate(spans)
         ]
