@@ -28,7 +28,8 @@ sizes), one per case as it finishes; the table of this run, followed by a PASS o
 per target, is printed and written to benchmarks/kernel.md: fused ≤ 1.10× floor for jsd and
 ≤ 1.20× for every other kind, fused_labels ≤ 1.20×, and the fused peaks ≤ 1/8 of naive's.
 --busy-cores K runs the cases beside K busy-looping processes (a machine shared with other
-jobs), and --elementwise-threads T sets the kernel's block-loop threads for every case.
+jobs), --elementwise-threads T sets the kernel's block-loop threads for every case, and
+--eager-blocks keeps jsd on eager blocks instead of the native CPU rows (pocl_ds.cpu_kernel).
 --op-costs prints what each elementwise op of a block costs instead.
 """
 
@@ -70,6 +71,7 @@ MEMORY_TARGET = 1 / 8  # of naive's peak
 FIELDS = [
     "timestamp", "commit", "machine", "device", "torch", "liger", "dtype", "impl", "kind",
     "n", "hidden", "vocab", "chunk_size", "threads", "elementwise_threads", "busy_cores",
+    "native_rows",
     "repeats", "median_s", "min_s",
     "floor_s", "x_floor", "peak_extra_mb", "status",
 ]  # fmt: skip
@@ -222,9 +224,13 @@ def run_case(spec: dict) -> dict:
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    from pocl_ds import divergence
+    from pocl_ds import cpu_kernel, divergence
 
     divergence.CPU_ELEMENTWISE_THREADS = spec["elementwise_threads"]
+    cpu_kernel.ENABLED = spec["native_rows"]
+    if spec["native_rows"] and spec["device"] == "cpu" and cpu_kernel.native_rows() is None:
+        raise PoclError("the native CPU rows could not be built here: see the log, or pass "
+                        "--eager-blocks")  # fmt: skip
     cuda = spec["device"].startswith("cuda")
     inputs = _inputs(spec)
 
@@ -357,6 +363,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep this many busy-looping processes running through the cases, to measure "
         "the kernel on a machine shared with other jobs (default 0)",
     )
+    parser.add_argument(
+        "--eager-blocks",
+        action="store_true",
+        help="jsd without labels on CPU on the eager blocks instead of the native rows "
+        "(pocl_ds.cpu_kernel), to compare the two",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks"))
     parser.add_argument(
@@ -400,6 +412,7 @@ def _cases(args: argparse.Namespace, liger: str | None) -> list[dict]:
                         "device": args.device, "threads": args.threads, "repeats": args.repeats,
                         "elementwise_threads": args.elementwise_threads,
                         "busy_cores": args.busy_cores,
+                        "native_rows": not args.eager_blocks,
                         "liger": liger,
                     }
                 )  # fmt: skip
@@ -414,7 +427,9 @@ def _markdown(rows: list[dict]) -> str:
         f"{first['torch']}, liger-kernel {first['liger'] or 'not installed'}, commit "
         f"{first['commit']}; median of {first['repeats']}; elementwise threads "
         f"{first['elementwise_threads']} (0: all per op); busy-looping processes beside it "
-        f"{first.get('busy_cores') or 0}. Peak = extra resident memory over "
+        f"{first.get('busy_cores') or 0}; native CPU rows for jsd "
+        f"{'off' if first.get('native_rows') in (False, 'False') else 'on'}. Peak = extra "
+        "resident memory over "
         "the inputs. × floor: the median over the case's runs of its time / that of the four "
         "chunked matmuls alone, run in the same process just before it (floor: its own "
         "median); × naive memory: peak / naive's of the same kind.",

@@ -28,6 +28,10 @@ d = log p − log q and log(m/q) = log1p(β·(p/q − 1)) (1−β for srkl's m')
 summed term then vanishes where p = q, so p = q gives exactly 0 (in fp32 and bf16) and fp32
 values stay within ~1e-4 relative of float64 at a 50k vocabulary; tokens both models find
 unlikely stay finite.
+
+Everything here is torch ops but one path: on CPU, jsd without labels in fp32 runs its rows in
+native code (`cpu_kernel`, the same formulas in four sweeps per row, built on first use),
+where eager ops pass over each block some 25 times; without a compiler it stays on the ops.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from pocl_ds import cpu_kernel
 from pocl_ds.data import IGNORE_INDEX
 from pocl_ds.errors import PoclError
 
@@ -271,6 +276,11 @@ def _log_ratio_(s: Tensor, log_q_total: Tensor, t: Tensor, log_p_total: Tensor) 
     return t.sub_(s).add_(log_q_total - log_p_total).clamp_max_(_MAX_LOG_RATIO)
 
 
+def _mixture_ratio_cap(weight: float) -> float:
+    """The cap on m/q − 1 = weight·(p/q − 1): the cap on d (`_log_ratio_`) carried over."""
+    return weight * math.expm1(_MAX_LOG_RATIO)
+
+
 def _log_mixture_ratio_(
     p_exp: Tensor, q_exp: Tensor, q_over_p_total: Tensor, weight: float, excess: Tensor, out: Tensor
 ) -> Tensor:
@@ -284,7 +294,7 @@ def _log_mixture_ratio_(
     capped like d (`_log_ratio_`); 0/0 (both underflow) gets excess 0, a term that p = q = 0
     weighs by 0.
     """
-    cap = weight * math.expm1(_MAX_LOG_RATIO)
+    cap = _mixture_ratio_cap(weight)
     torch.div(p_exp, q_exp, out=excess).mul_(q_over_p_total * weight).sub_(weight)
     excess.nan_to_num_(nan=0.0, posinf=cap).clamp_max_(cap)
     return torch.log1p(excess, out=out)
@@ -498,22 +508,25 @@ def _chunk_divergence_(
     ce_factor are not used. One gradient then needs one pair of matmuls, not two.
 
     The blocks are shared out in contiguous runs among the workspace's lanes; the sums are
-    added in lane order, so a result depends on the lane count, never on thread timing.
+    added in lane order, so a result depends on the lane count, never on thread timing. A
+    lane runs its blocks as eager ops (`_blocks_divergence_`) or, for jsd without labels on
+    CPU, as native rows (`_native_jsd_rows`).
     """
     if div.kind == "zero" and labels is None:
         return s.new_zeros(()), s.new_zeros(())
     args = (s, t, div, temperature, kd_factor, labels, ce_grad, ce_factor, mix)
+    run = _native_jsd_rows if _native_jsd_applies(s, t, div, labels) else _blocks_divergence_
     blocks = -(-s.shape[0] // workspace.rows)
     lanes = max(1, min(workspace.lanes, blocks))
     spans = [range(lane * blocks // lanes, (lane + 1) * blocks // lanes) for lane in range(lanes)]
     with _elementwise_threads(s.device):
         if lanes == 1:
-            return _blocks_divergence_(spans[0], workspace.rows, workspace.get, *args)
+            return run(spans[0], workspace.rows, workspace.get, *args)
         pool = _lane_executor(workspace.lanes)
         futures = [
             pool.submit(
                 _in_one_intra_op_thread,
-                _blocks_divergence_,
+                run,
                 span,
                 workspace.rows,
                 functools.partial(workspace.get, lane=lane),
@@ -574,6 +587,39 @@ def _blocks_divergence_(
         else:
             kd_factor[block] = factor
     return kd_total, ce_total
+
+
+def _native_jsd_applies(s: Tensor, t: Tensor | None, div: _Divergence, labels) -> bool:
+    """Whether `_native_jsd_rows` serves this chunk: jsd without labels, fp32 on CPU, where
+    `cpu_kernel` is built (the first call here builds it, on the caller's thread)."""
+    return (
+        div.kind == "jsd"
+        and labels is None
+        and t is not None
+        and s.device.type == "cpu"
+        and s.dtype == torch.float32
+        and cpu_kernel.native_rows() is not None
+    )
+
+
+def _native_jsd_rows(
+    blocks: range,
+    block_rows: int,
+    _buffers: Callable[[int], list[Tensor]],
+    s: Tensor,
+    t: Tensor,
+    div: _Divergence,
+    _temperature: float,
+    kd_factor: Tensor,
+    *_no_labels: None,
+) -> tuple[Tensor, Tensor]:
+    """`_blocks_divergence_` for jsd without labels in native code (`cpu_kernel.cpp`): the
+    same rows, formulas and outputs (G' in s, row factors in kd_factor); no workspace."""
+    rows = slice(blocks.start * block_rows, min(blocks.stop * block_rows, s.shape[0]))
+    total = cpu_kernel.native_rows().jsd_rows_(
+        s[rows], t[rows], kd_factor[rows], div.beta, _MAX_LOG_RATIO, _mixture_ratio_cap(div.beta)
+    )
+    return s.new_tensor(total), s.new_zeros(())
 
 
 def _kd_grad_scale(temperature: float, scale_by_temperature_squared: bool) -> float:
