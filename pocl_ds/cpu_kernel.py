@@ -72,10 +72,9 @@ def _load() -> ModuleType | None:
         return _import(library) if library.exists() else _build(directory)
     except Exception as error:  # a missing compiler or ninja: the eager blocks still work
         logger.warning(
-            "native CPU jsd rows could not be built or loaded (%s): eager blocks. Delete %s "
-            "to build them again.",
-            error,
+            "native CPU jsd rows could not be built or loaded in %s (%s): eager blocks",
             directory,
+            error,
         )
         return None
 

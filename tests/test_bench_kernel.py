@@ -39,6 +39,12 @@ def test_verdicts_take_the_paired_ratio_and_each_kinds_target():
     ]
 
 
+def test_eager_blocks_is_recorded_with_every_case():
+    for flags, native in (([], True), (["--eager-blocks"], False)):
+        cases = bench_kernel._cases(bench_kernel.parse_args(["--quick", *flags]), None)
+        assert cases and all(case["native_rows"] is native for case in cases)
+
+
 @pytest.mark.slow
 def test_quick_run_writes_rows_and_a_table_with_its_verdicts(tmp_path):
     done = subprocess.run(
@@ -60,8 +66,10 @@ def test_quick_run_writes_rows_and_a_table_with_its_verdicts(tmp_path):
         # the library's setting, recorded with the row it timed
         assert row["elementwise_threads"] == str(CPU_ELEMENTWISE_THREADS)
         assert row["busy_cores"] == "1"
+        assert row["native_rows"] == "True"  # built here: an AVX2 CPU with a compiler
     assert not _spinners(), "the busy-looping processes outlive the run"
     table = (tmp_path / "kernel.md").read_text()
+    assert "native CPU rows for jsd on" in table
     lines = bench_kernel.verdicts(rows)
     assert len(lines) == 4  # time and memory, for fused and for fused_labels
     assert all(line in table and line in done.stdout for line in lines)
