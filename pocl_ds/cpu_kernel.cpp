@@ -11,15 +11,17 @@
 // sweeps (max, exponentials, the divergence, the gradient), each in registers.
 //
 // exp: ATen's exp_u20 (within 20 ulp, about 1e-6 relative; the one its CPU attention
-// kernels use), about 1 % of the whole kernel faster than Sleef's 1-ulp exp at N = 4096 and
-// as accurate against float64 in the tests (the sums' rounding dominates). It flushes
+// kernels use), chosen over Sleef's 1-ulp exp for speed: in a prototype the rows took 2.27
+// instead of 2.67 ns/element on two lanes. The jsd loss stays within 1e-5 of float64
+// (tests/test_cpu_kernel.py; measured up to 3.4e-6, the eager blocks up to 1.4e-6) and the
+// gradients as close to float64 as the eager blocks' (the sums' rounding dominates). It flushes
 // arguments below ln(FLT_MIN) to 0, where Sleef goes on into denormals: such tokens take the
 // 0/0 and capped-ratio paths, as in the eager blocks a little further down. The same exp is
 // applied to s and t at every position, so p = q still gives exactly 0.
 //
 // Sums: each run of kBlock vectors is added in a vector, and the runs in double, so the error
-// stays near torch's own cascade sums (a plain float accumulator over 50k terms was 4x worse
-// against float64 in the gradient). A row's sums never depend on the thread that runs it.
+// stays near torch's own cascade sums (a plain float accumulator over 50k terms put the
+// gradient 3.8e-4 of its largest entry from float64, against 4.9e-6 now). A row's sums never depend on the thread that runs it.
 
 #include <torch/extension.h>
 #include <ATen/cpu/vec/vec.h>
