@@ -21,7 +21,8 @@
 //
 // Sums: each run of kBlock vectors is added in a vector, and the runs in double, so the error
 // stays near torch's own cascade sums (a plain float accumulator over 50k terms put the
-// gradient 3.8e-4 of its largest entry from float64, against 4.9e-6 now). A row's sums never depend on the thread that runs it.
+// gradient 3.8e-4 of its largest entry from float64, against 4.9e-6 now). A row's sums never
+// depend on the thread that runs it.
 
 #include <torch/extension.h>
 #include <ATen/cpu/vec/vec.h>
