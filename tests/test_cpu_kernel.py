@@ -19,7 +19,14 @@ import torch
 
 from pocl_ds import cpu_kernel, divergence
 from pocl_ds.divergence import distill_loss, fused_linear_distill_loss
-from tests.test_divergence import gpt2_like_logits, grads_of, make_case, naive_loss, scalar
+from tests.test_divergence import (
+    gpt2_like_logits,
+    grads_of,
+    make_case,
+    naive_loss,
+    scalar,
+    two_intra_op_threads,  # noqa: F401 (a fixture, shared with the lane tests there)
+)
 
 AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 pytestmark = pytest.mark.skipif(not AVX2, reason="the native rows are built for AVX2 CPUs")
@@ -113,18 +120,8 @@ def test_native_rows_give_exactly_zero_at_p_equal_q_and_stay_finite(monkeypatch)
     torch.testing.assert_close(g_native, g_eager, rtol=1e-4, atol=1e-4 * float(g_eager.abs().max()))
 
 
-@pytest.fixture
-def two_intra_op_threads():
-    """Lanes are capped by torch's intra-op threads: give it two for the test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_native_rows_run_on_the_lanes_and_give_the_gradients_of_one_lane(
-    monkeypatch, native_calls, two_intra_op_threads
-):
+@pytest.mark.usefixtures("two_intra_op_threads")
+def test_native_rows_run_on_the_lanes_and_give_the_gradients_of_one_lane(monkeypatch, native_calls):
     """Two lanes run their rows on the lane threads: the same gradients bitwise as one lane,
     the loss within the rounding of the lane sums. (Which lane thread takes which run is up
     to the pool: a run this small may finish before the other thread wakes.)"""

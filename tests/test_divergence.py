@@ -931,7 +931,8 @@ def test_the_kernel_reads_the_device_once_per_call():
 
 @pytest.fixture
 def two_intra_op_threads():
-    """This module runs on one intra-op thread; lanes need torch to allow two."""
+    """The tests run on one intra-op thread; lanes need torch to allow two (also used by
+    tests/test_cpu_kernel.py)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
