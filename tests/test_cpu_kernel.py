@@ -7,6 +7,7 @@ native path is the one taken, and that a failed build falls back to the eager bl
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -149,20 +150,13 @@ def test_native_rows_run_on_the_lanes_and_give_the_gradients_of_one_lane(monkeyp
     assert abs(scalar(one) - scalar(two)) <= 1e-6 * abs(scalar(one))
 
 
-def _ticks_while(busy: threading.Thread | None, seconds: float = 0.0) -> list[float]:
-    """Timestamps of a tight Python loop, while `busy` runs or for `seconds`."""
-    ticks = [time.perf_counter()]
-    while busy.is_alive() if busy else ticks[-1] - ticks[0] < seconds:
-        ticks.append(time.perf_counter())
-    return ticks
-
-
 def test_the_native_rows_release_the_gil():
-    """While one thread runs native rows, Python on another keeps its pace: so the lanes run
-    their rows at once, not in turn. (Held, the loop ran at about 6 % of its pace.)"""
+    """While one thread runs native rows, Python on another keeps running: so the lanes run
+    their rows at once, not in turn. Held, the GIL would stop the loop for the whole call; a
+    loaded machine only slows it, so the test bounds the loop's longest pause, not its pace."""
     gen = torch.Generator().manual_seed(5)
-    s, t = torch.randn(400, 50257, generator=gen), torch.randn(400, 50257, generator=gen)
-    factor = torch.empty(400, 1)
+    s, t = torch.randn(800, 50257, generator=gen), torch.randn(800, 50257, generator=gen)
+    factor = torch.empty(800, 1)
     native = cpu_kernel.native_rows()
     span = {}
 
@@ -171,13 +165,15 @@ def test_the_native_rows_release_the_gil():
         native.jsd_rows_(s, t, factor, 0.5, 50.0, 1e20)
         span["end"] = time.perf_counter()
 
-    alone = len(_ticks_while(None, 0.05)) / 0.05
     worker = threading.Thread(target=rows)
     worker.start()
-    ticks = _ticks_while(worker)
-    inside = sum(span["start"] <= tick <= span["end"] for tick in ticks)
-    pace = inside / (span["end"] - span["start"])
-    assert pace > 0.3 * alone, (pace, alone)
+    ticks = [time.perf_counter()]
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+    inside = [span["start"], *(t for t in ticks if span["start"] < t < span["end"]), span["end"]]
+    longest_pause = max(b - a for a, b in itertools.pairwise(inside))
+    duration = span["end"] - span["start"]
+    assert longest_pause < 0.5 * duration, (longest_pause, duration)
 
 
 @pytest.fixture
