@@ -170,7 +170,11 @@ def test_the_native_rows_release_the_gil():
     ticks = [time.perf_counter()]
     while worker.is_alive():
         ticks.append(time.perf_counter())
-    inside = [span["start"], *(t for t in ticks if span["start"] < t < span["end"]), span["end"]]
+    inside = [
+        span["start"],
+        *(tick for tick in ticks if span["start"] < tick < span["end"]),
+        span["end"],
+    ]
     longest_pause = max(b - a for a, b in itertools.pairwise(inside))
     duration = span["end"] - span["start"]
     assert longest_pause < 0.5 * duration, (longest_pause, duration)
